@@ -1,0 +1,33 @@
+"""llama-jax: Meta's Llama 3.x model family in JAX + Flax NNX."""
+
+from llama_jax.api import Model, init
+from llama_jax.config import (
+    ConfigError,
+    LlamaConfig,
+    RopeScaling,
+    from_hf_config,
+    from_meta_params,
+    preset,
+    preset_names,
+    to_hf_config,
+)
+from llama_jax.kv_cache import KVCache
+from llama_jax.model import forward, init_params, logical_axes, param_shapes
+
+__all__ = [
+    "ConfigError",
+    "KVCache",
+    "LlamaConfig",
+    "Model",
+    "RopeScaling",
+    "forward",
+    "from_hf_config",
+    "from_meta_params",
+    "init",
+    "init_params",
+    "logical_axes",
+    "param_shapes",
+    "preset",
+    "preset_names",
+    "to_hf_config",
+]

@@ -1,0 +1,304 @@
+"""The Llama 3.x transformer in Flax NNX, pure at the jit boundary.
+
+`Transformer` owns parameters (each tagged with logical axis names for the sharding rules); the
+layer stack is stored stacked along a leading `layers` axis and run with `jax.lax.scan`, so
+compile time does not grow with depth. Outside code works with plain nested dicts of arrays
+("params", the `nnx.split` state as a pure dict) and calls the pure function `forward`.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama_jax.config import LlamaConfig
+from llama_jax.kv_cache import KVCache
+from llama_jax.partitioning import constrain
+from llama_jax.rope import apply_rotary, rotary_tables
+
+Params = dict[str, Any]
+
+INIT_STD = 0.02
+
+BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
+HEADS, KV_HEADS, MLP, VOCAB = (
+    "activation_heads",
+    "activation_kv_heads",
+    "activation_mlp",
+    "activation_vocab",
+)
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: str) -> nnx.Param:
+    value = INIT_STD * jax.random.normal(rngs.params(), shape, jnp.dtype(dtype))
+    return nnx.Param(value, logical_axes=axes)
+
+
+def _ones(shape: tuple[int, ...], axes: tuple[str, ...], dtype: str) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, jnp.dtype(dtype)), logical_axes=axes)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32 and cast back, as Meta and HF do."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return normed.astype(x.dtype) * scale.astype(x.dtype)
+
+
+class LayerCache(NamedTuple):
+    """One layer's slice of the KV cache plus where this call's tokens go in it."""
+
+    k: jax.Array  # [batch, max_len, kv_heads, head_dim]
+    v: jax.Array
+    rows: jax.Array  # [batch, 1]
+    slots: jax.Array  # [batch, time]
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention; weights stacked over layers (`wq` is [layers, dim, heads, hd])."""
+
+    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
+        L, d, hd, pd = c.n_layers, c.dim, c.head_dim, c.param_dtype
+        self.wq = _param(rngs, (L, d, c.n_heads, hd), ("layers", "embed", "heads", "head_dim"), pd)
+        kv_axes = ("layers", "embed", "kv_heads", "head_dim")
+        self.wk = _param(rngs, (L, d, c.n_kv_heads, hd), kv_axes, pd)
+        self.wv = _param(rngs, (L, d, c.n_kv_heads, hd), kv_axes, pd)
+        self.wo = _param(rngs, (L, c.n_heads, hd, d), ("layers", "heads", "head_dim", "embed"), pd)
+
+    def __call__(
+        self,
+        c: LlamaConfig,
+        x: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+        mask: jax.Array,
+        cache: LayerCache | None,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """`mask` [batch, time, keys] is True where a query may attend; keys are this call's
+        tokens, or with a cache the cache's slots after this call's tokens are written."""
+        dt = x.dtype
+        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
+        q = constrain(q, (BATCH, LENGTH, HEADS, None))
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            cache = cache._replace(
+                k=cache.k.at[cache.rows, cache.slots].set(k.astype(cache.k.dtype)),
+                v=cache.v.at[cache.rows, cache.slots].set(v.astype(cache.v.dtype)),
+            )
+            k, v = cache.k, cache.v
+        b, t, _, hd = q.shape
+        q = q.reshape(b, t, c.n_kv_heads, c.n_rep, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt)).astype(jnp.float32)
+        scores = scores * np.float32(1.0 / np.sqrt(hd))
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(b, t, -1, hd)
+        return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt)), cache
+
+
+class FeedForward(nnx.Module):
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
+        L, d, f, pd = c.n_layers, c.dim, c.ffn_dim, c.param_dtype
+        self.w1 = _param(rngs, (L, d, f), ("layers", "embed", "mlp"), pd)
+        self.w3 = _param(rngs, (L, d, f), ("layers", "embed", "mlp"), pd)
+        self.w2 = _param(rngs, (L, f, d), ("layers", "mlp", "embed"), pd)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        gate = jnp.einsum("btd,df->btf", x, self.w1[...].astype(dt))
+        up = jnp.einsum("btd,df->btf", x, self.w3[...].astype(dt))
+        h = constrain(jax.nn.silu(gate) * up, (BATCH, LENGTH, MLP))
+        return jnp.einsum("btf,fd->btd", h, self.w2[...].astype(dt))
+
+
+class Block(nnx.Module):
+    """One transformer layer. Built with stacked (leading `layers` axis) parameters; called on
+    one layer's slice inside the scan."""
+
+    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
+        self.attention_norm = _ones((c.n_layers, c.dim), ("layers", "norm"), c.param_dtype)
+        self.attention = Attention(c, rngs)
+        self.ffn_norm = _ones((c.n_layers, c.dim), ("layers", "norm"), c.param_dtype)
+        self.feed_forward = FeedForward(c, rngs)
+
+    def __call__(self, c: LlamaConfig, x, rope, mask, cache: LayerCache | None):
+        normed = rms_norm(x, self.attention_norm[...], c.norm_eps)
+        h, cache = self.attention(c, normed, rope, mask, cache)
+        x = constrain(x + h, (BATCH, LENGTH, EMBED))
+        x = x + self.feed_forward(rms_norm(x, self.ffn_norm[...], c.norm_eps))
+        return constrain(x, (BATCH, LENGTH, EMBED)), cache
+
+
+class Transformer(nnx.Module):
+    """Embedding, the scanned layer stack, final norm and output head (tied or not)."""
+
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        c, pd = config, config.param_dtype
+        self.config = config
+        self.tok_embeddings = _param(rngs, (c.vocab_size, c.dim), ("vocab", "embed"), pd)
+        self.layers = Block(c, rngs)
+        self.norm = _ones((c.dim,), ("norm",), pd)
+        if not c.tie_embeddings:
+            self.output = _param(rngs, (c.dim, c.vocab_size), ("embed", "vocab"), pd)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+        *,
+        last_only: bool = False,
+    ) -> tuple[jax.Array, KVCache | None]:
+        c = self.config
+        dt = jnp.dtype(c.compute_dtype)
+        x = jnp.take(self.tok_embeddings[...], tokens, axis=0).astype(dt)
+        x = constrain(x, (BATCH, LENGTH, EMBED))
+        rope = rotary_tables(c, positions)
+        if cache is None:
+            x = self._scan_layers(x, rope, attention_mask(segment_ids, tokens.shape))
+            new_cache = None
+        else:
+            x, new_cache = self._scan_layers_cached(x, rope, segment_ids, cache)
+        if last_only:
+            x = _last_valid(x, segment_ids)
+        x = rms_norm(x, self.norm[...], c.norm_eps)
+        head = self.tok_embeddings[...].T if c.tie_embeddings else self.output[...]
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(dt)).astype(jnp.float32)
+        return constrain(logits, (BATCH, LENGTH, VOCAB)), new_cache
+
+    def _layer_fn(self):
+        c = self.config
+        graphdef, stacked = nnx.split(self.layers)
+
+        def one_layer(layer_state, x, rope, mask, cache):
+            return nnx.merge(graphdef, layer_state)(c, x, rope, mask, cache)
+
+        if c.remat != "none":
+            one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[c.remat])
+        return one_layer, stacked
+
+    def _scan_layers(self, x, rope, mask):
+        one_layer, stacked = self._layer_fn()
+
+        def body(h, layer_state):
+            return one_layer(layer_state, h, rope, mask, None)[0], None
+
+        return jax.lax.scan(body, x, stacked)[0]
+
+    def _scan_layers_cached(self, x, rope, segment_ids, cache: KVCache):
+        """The whole cache rides in the scan carry; each layer writes its slice back in place."""
+        one_layer, stacked = self._layer_fn()
+        b, t = x.shape[:2]
+        slots = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
+        key_slots = jnp.arange(cache.max_len, dtype=jnp.int32)
+        mask = key_slots[None, None, :] <= slots[:, :, None]
+        rows = jnp.arange(b, dtype=jnp.int32)[:, None]
+
+        def body(carry, xs):
+            h, ck, cv = carry
+            layer_state, i = xs
+            layer = LayerCache(ck[i], cv[i], rows, slots)
+            h, layer = one_layer(layer_state, h, rope, mask, layer)
+            ck = jax.lax.dynamic_update_index_in_dim(ck, layer.k, i, 0)
+            cv = jax.lax.dynamic_update_index_in_dim(cv, layer.v, i, 0)
+            return (h, ck, cv), None
+
+        layer_ids = jnp.arange(self.config.n_layers, dtype=jnp.int32)
+        (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), (stacked, layer_ids))
+        if segment_ids is None:
+            advance = jnp.full((b,), t, jnp.int32)
+        else:
+            advance = jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
+        return x, KVCache(k, v, cache.lengths + advance)
+
+
+def attention_mask(segment_ids: jax.Array | None, shape: tuple[int, int]) -> jax.Array:
+    """[batch, time, time] causal mask that also keeps packed documents apart."""
+    t = shape[1]
+    causal = jnp.tril(jnp.ones((t, t), jnp.bool_))[None]
+    if segment_ids is None:
+        return jnp.broadcast_to(causal, (shape[0], t, t))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return causal & same
+
+
+def _last_valid(x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """Each row's last non-padding position, [batch, 1, dim] (padding is on the right)."""
+    if segment_ids is None:
+        return x[:, -1:]
+    last = jnp.maximum(jnp.sum(segment_ids != 0, axis=1) - 1, 0)
+    return jnp.take_along_axis(x, last[:, None, None], axis=1)
+
+
+# --- the pure-functional boundary -----------------------------------------------------------
+
+
+@cache
+def _abstract(config: LlamaConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    return nnx.split(nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(0))))
+
+
+def graphdef(config: LlamaConfig) -> nnx.GraphDef:
+    return _abstract(config)[0]
+
+
+def param_shapes(config: LlamaConfig) -> Params:
+    """Pure dict of `jax.ShapeDtypeStruct`, nothing allocated."""
+    return nnx.to_pure_dict(_abstract(config)[1])
+
+
+def logical_axes(config: LlamaConfig) -> Params:
+    """Pure dict (same structure as params) of each parameter's logical axis names."""
+
+    def names(node: Any) -> Any:
+        if isinstance(node, nnx.Variable):
+            return tuple(node.get_metadata()["logical_axes"])
+        return {key: names(child) for key, child in node.items()}
+
+    return names(_abstract(config)[1])
+
+
+def init_params(config: LlamaConfig, seed: int = 0) -> Params:
+    """Random parameters (normal(0, 0.02) weights, unit norms) as a pure dict."""
+    _, state = nnx.split(Transformer(config, nnx.Rngs(seed)))
+    return nnx.to_pure_dict(state)
+
+
+def forward(
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache: KVCache | None = None,
+    *,
+    config: LlamaConfig,
+    last_only: bool = False,
+) -> tuple[jax.Array, KVCache | None]:
+    """Logits float32 [batch, time, vocab] (or [batch, 1, vocab] with `last_only`) and the
+    updated cache. Pure: jit it with `config` static.
+
+    `positions` default to 0..T-1 (continuing from the cache's lengths when a cache is given).
+    `segment_ids` separate packed documents; 0 marks right padding.
+    """
+    if positions is None:
+        start = 0 if cache is None else cache.lengths[:, None]
+        positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+        positions = jnp.broadcast_to(positions, tokens.shape)
+    model = nnx.merge(graphdef(config), params)
+    return model(tokens, positions, segment_ids, cache, last_only=last_only)

@@ -1,0 +1,40 @@
+"""The hook through which the model names its activation axes for sharding.
+
+The model core must not depend on `sharding/` (dependencies point one way), yet activations
+need sharding constraints on a real mesh. The model calls `constrain(x, logical_names)`; it is a
+no-op until `sharding` installs a resolver (logical names -> `jax.sharding.NamedSharding`) with
+`use_resolver`, typically around tracing of a jitted step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+
+Resolver = Callable[[Sequence[str | None]], "jax.sharding.Sharding | None"]
+
+_resolver: contextvars.ContextVar[Resolver | None] = contextvars.ContextVar(
+    "llama_jax_sharding_resolver", default=None
+)
+
+
+@contextlib.contextmanager
+def use_resolver(resolver: Resolver | None) -> Iterator[None]:
+    """Activate `resolver` for model code traced inside this block."""
+    token = _resolver.set(resolver)
+    try:
+        yield
+    finally:
+        _resolver.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Constrain `x` to the sharding its logical axis `names` map to, if a resolver is active."""
+    resolver = _resolver.get()
+    if resolver is None:
+        return x
+    sharding = resolver(names)
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)

@@ -1,0 +1,23 @@
+"""Test session set-up: an emulated 8-device CPU mesh, set before jax is imported anywhere."""
+
+import os
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+
+
+@pytest.fixture(scope="session")
+def shared_assets() -> Path:
+    """`../shared/assets` beside the checkout (Meta's tokenizer, stories260K)."""
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} not found: tests that need ../shared/assets are skipped")
+    return SHARED
