@@ -13,6 +13,7 @@ from llama_jax.config import (
 )
 from llama_jax.kv_cache import KVCache
 from llama_jax.model import forward, init_params, logical_axes, param_shapes
+from llama_jax.tokenizer import StreamingDetokenizer, Tokenizer, find_tokenizer
 
 __all__ = [
     "ConfigError",
@@ -20,6 +21,9 @@ __all__ = [
     "LlamaConfig",
     "Model",
     "RopeScaling",
+    "StreamingDetokenizer",
+    "Tokenizer",
+    "find_tokenizer",
     "forward",
     "from_hf_config",
     "from_meta_params",
