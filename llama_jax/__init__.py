@@ -1,6 +1,9 @@
 """llama-jax: Meta's Llama 3.x model family in JAX + Flax NNX."""
 
 from llama_jax.api import Model, init
+from llama_jax.checkpoint.errors import CheckpointError
+from llama_jax.checkpoint.export import export
+from llama_jax.checkpoint.load import load
 from llama_jax.config import (
     ConfigError,
     LlamaConfig,
@@ -16,6 +19,7 @@ from llama_jax.model import forward, init_params, logical_axes, param_shapes
 from llama_jax.tokenizer import StreamingDetokenizer, Tokenizer, find_tokenizer
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "KVCache",
     "LlamaConfig",
@@ -23,12 +27,14 @@ __all__ = [
     "RopeScaling",
     "StreamingDetokenizer",
     "Tokenizer",
+    "export",
     "find_tokenizer",
     "forward",
     "from_hf_config",
     "from_meta_params",
     "init",
     "init_params",
+    "load",
     "logical_axes",
     "param_shapes",
     "preset",

@@ -1,0 +1,63 @@
+"""Our Orbax checkpoint format: `<dir>/llama_jax.json` (the config) + `<dir>/params` (Orbax).
+
+Orbax restores each array straight into its target sharding, each process reading only its own
+shards, so this is the fast path for reloading models on a mesh.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from llama_jax.checkpoint.errors import CheckpointError
+from llama_jax.config import ConfigError, LlamaConfig
+from llama_jax.model import Params, param_shapes
+
+CONFIG_FILE = "llama_jax.json"
+PARAMS_DIR = "params"
+FORMAT = "llama_jax.orbax.v1"
+
+
+def is_orbax(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
+
+
+def read_config(path: Path) -> LlamaConfig:
+    file = path / CONFIG_FILE
+    try:
+        data = json.loads(file.read_text())
+        if data.get("format") != FORMAT:
+            raise CheckpointError(f"{file}: format {data.get('format')!r} is not {FORMAT!r}")
+        return LlamaConfig.from_dict(data["config"])
+    except (json.JSONDecodeError, KeyError, ConfigError) as e:
+        raise CheckpointError(f"{file}: unreadable config ({e})") from None
+
+
+def save_orbax(path: str | Path, config: LlamaConfig, params: Params) -> None:
+    """Write `params` (sharded or not) and the config into directory `path`."""
+    path = Path(path).absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path / PARAMS_DIR, params)
+        ckptr.wait_until_finished()
+    payload = {"format": FORMAT, "config": config.to_dict()}
+    (path / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def load_orbax(path: str | Path, config: LlamaConfig, shardings: Params) -> Params:
+    """Params restored straight into `shardings`, cast to `config.param_dtype` if the saved
+    dtype differs."""
+    path = Path(path).absolute()
+    target = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        param_shapes(config),
+        shardings,
+    )
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(path / PARAMS_DIR, target)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise CheckpointError(f"{path / PARAMS_DIR}: cannot restore ({e})") from e

@@ -1,0 +1,109 @@
+"""Convert a checkpoint: `python -m llama_jax.convert SRC DST --to hf|meta|orbax [--dtype bf16]`.
+
+SRC is any directory `llama_jax.load` reads (layout detected). Meta/HF to Meta/HF conversion
+streams tensor by tensor from file to file without loading the model, so host memory stays near
+one tensor whatever the model size; Orbax output, or Orbax/run-directory input, goes through
+loaded params.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from llama_jax.checkpoint import layout, sources
+from llama_jax.checkpoint.errors import CheckpointError
+from llama_jax.checkpoint.export import DEFAULT_SHARD_BYTES, export, export_files
+from llama_jax.checkpoint.load import detect_layout, load, param_dtype
+from llama_jax.checkpoint.placement import progress_bar
+from llama_jax.tokenizer import find_tokenizer
+
+_UNITS = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "B": 1}
+
+
+def _size(text: str) -> int:
+    for unit, factor in _UNITS.items():
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m llama_jax.convert", description=__doc__)
+    p.add_argument("src", type=Path, help="Meta, Hugging Face, Orbax or training-run directory")
+    p.add_argument("dst", type=Path, help="output directory (must be new or empty)")
+    p.add_argument("--to", required=True, choices=("hf", "meta", "orbax"))
+    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: as stored)")
+    p.add_argument("--mp", type=int, default=1, help="model-parallel ranks of a Meta export")
+    p.add_argument("--max-shard-size", type=_size, default=DEFAULT_SHARD_BYTES,
+                   help="HF shard size, e.g. 5GB")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def convert(
+    src: Path,
+    dst: Path,
+    to: str,
+    dtype: str | None = None,
+    *,
+    mp: int = 1,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool | None = None,
+) -> Path:
+    """Write the checkpoint at `src` as `to` at `dst`; returns `dst`."""
+    out = param_dtype(dtype)
+    kind, root = detect_layout(src)
+    if kind in ("meta", "hf") and to in ("hf", "meta"):
+        source = sources.read_meta(root) if kind == "meta" else sources.read_hf(root)
+        config = source.config.replace(param_dtype=source.dtype.name)
+        reads = mp if to == "meta" else 1  # a Meta export reads every tensor once per rank
+        per_read = sum(
+            np.prod(a.shape) * a.dtype.itemsize for v in source.arrays.values() for a in v
+        )
+        with progress_bar(int(reads * per_read), progress) as bar:
+
+            def get(spec: layout.TensorSpec, layer: int | None) -> np.ndarray:
+                x = source.get(spec, layer)
+                bar.update(x.nbytes)
+                return x
+
+            tokenizer = find_tokenizer(root)
+            return export_files(
+                config,
+                get,
+                dst,
+                to,
+                out,
+                mp=mp,
+                max_shard_bytes=max_shard_bytes,
+                tokenizer=tokenizer,
+            )
+    model = load(src, dtype=out, progress=progress)
+    return export(model, dst, to, mp=mp, max_shard_bytes=max_shard_bytes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        dst = convert(
+            args.src,
+            args.dst,
+            args.to,
+            args.dtype,
+            mp=args.mp,
+            max_shard_bytes=args.max_shard_size,
+            progress=False if args.no_progress else None,
+        )
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.to} checkpoint to {dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
