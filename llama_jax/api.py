@@ -43,6 +43,13 @@ class Model:
             self._jitted["logits"] = fn
         return np.asarray(fn(self.params, tokens, positions, segment_ids))
 
+    def generate(self, prompts: Any, **sampling: Any) -> Any:
+        """Generate from text or token ids (one prompt or a list); see `infer.generate.generate`
+        for the sampling settings and the `Completion` it returns."""
+        from infer.generate import generate  # lazy: the core must not import infer
+
+        return generate(self, prompts, **sampling)
+
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
 

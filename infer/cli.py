@@ -1,0 +1,433 @@
+"""`python -m llama_jax.infer`: generate from a prompt, a file of prompts or a chat REPL; and
+`python -m llama_jax.infer serve`: the OpenAI-compatible server.
+
+Every user mistake (bad flag value, missing tokenizer, prompt longer than the context, broken
+checkpoint) ends in one line on stderr, `llama_jax.infer: error: ...`, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from infer.batching import Request, Scheduler
+from infer.engine import Engine, EngineError, bucket
+from infer.generate import Completion, default_stop_ids
+from infer.sampling import SamplingError, SamplingParams
+from infer.tools import check_tools, may_be_tool_call, with_tools
+
+PROG = "llama_jax.infer"
+
+
+class CLIError(ValueError):
+    """A user-facing error: printed as one line."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+# --- flags shared by generation and serving ------------------------------------------------
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint directory (Meta, HF, Orbax or a train run)")
+    src.add_argument("--preset", help="random weights of a preset config (for benchmarks)")
+    p.add_argument("--tokenizer", help="tokenizer file (default: the checkpoint's own)")
+    p.add_argument("--mesh", help='device mesh, e.g. "tensor=4" or "data=2,tensor=4"')
+    p.add_argument("--rules", default="infer_tp", help="sharding rule preset (default infer_tp)")
+    p.add_argument("--dtype", help="cast parameters to float32 / bfloat16 / float16")
+    p.add_argument(
+        "--max-seq-len",
+        type=positive,
+        help="context length (default: the model's; at most 8192 for --chat and serve)",
+    )
+    p.add_argument("--max-batch", type=positive, default=8, help="decode slots (default 8)")
+    p.add_argument("--prefill-chunk", type=positive, default=512, help="prefill chunk tokens")
+    p.add_argument("--steps-per-call", type=positive, default=1, help="decode steps per call")
+    p.add_argument("-v", "--verbose", action="store_true", help="log compiles and timings")
+
+
+# (temperature, top_p) when not given: greedy for one-shot generation, Meta's chat defaults.
+DEFAULTS = {"generate": (0.0, 1.0), "chat": (0.6, 0.9)}
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=positive, default=256)
+    p.add_argument("--temperature", type=float, help="0 = greedy (default 0; --chat 0.6)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, help="1 = off (default 1; --chat 0.9)")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    p.add_argument("--seed", type=int, help="seed for sampling (default: random)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop-token-ids", type=id_list, help="stop token ids (default: the model's)")
+    p.add_argument("--logprobs", action="store_true", help="report each token's log-prob")
+    p.add_argument("--top-logprobs", type=int, default=0, help="also the N most likely tokens")
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def id_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated token ids, got {text!r}"
+        ) from None
+
+
+def sampling_from(args: argparse.Namespace, **overrides: Any) -> SamplingParams:
+    temperature, top_p = DEFAULTS["chat" if args.chat else "generate"]
+    fields = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=temperature if args.temperature is None else args.temperature,
+        top_k=args.top_k,
+        top_p=top_p if args.top_p is None else args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        stop_token_ids=args.stop_token_ids,
+        logprobs=args.logprobs,
+        top_logprobs=args.top_logprobs,
+    )
+    fields.update(overrides)
+    try:
+        return SamplingParams(**fields)
+    except SamplingError as e:
+        raise CLIError(f"--{e.field.replace('_', '-')} {e.reason}") from None
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    """The model named by --checkpoint / --preset, placed on --mesh, with its tokenizer."""
+    from llama_jax.api import init
+    from llama_jax.config import preset
+    from llama_jax.tokenizer import Tokenizer
+
+    mesh = None
+    if args.mesh:
+        from sharding.mesh import make_mesh
+
+        mesh = make_mesh(args.mesh)
+    if args.checkpoint:
+        from llama_jax.checkpoint.load import load
+
+        model = load(args.checkpoint, mesh=mesh, dtype=args.dtype)
+    else:
+        config = preset(args.preset)
+        if args.dtype:
+            config = config.replace(param_dtype=args.dtype)
+        model = init(config)
+        if mesh is not None:
+            from sharding.place import place
+
+            model.params, model.mesh = place(model.params, config, mesh, args.rules), mesh
+    if args.tokenizer:
+        try:
+            model.tokenizer = Tokenizer(args.tokenizer)
+        except ValueError as e:
+            raise CLIError(f"--tokenizer: {e}") from None
+    return model
+
+
+# Chat and the server preallocate a cache of the whole context for every slot; past this many
+# tokens (Llama 3.1 has 131072) that is tens of GB, so longer contexts must be asked for.
+DEFAULT_RESIDENT_CONTEXT = 8192
+
+
+def context_len(model: Any, args: argparse.Namespace, resident: bool = False) -> int:
+    """--max-seq-len, bounded by the model's; `resident` (a cache kept for the whole context)
+    defaults to at most DEFAULT_RESIDENT_CONTEXT."""
+    default = model.config.max_seq_len
+    if resident:
+        default = min(default, DEFAULT_RESIDENT_CONTEXT)
+    return min(args.max_seq_len or default, model.config.max_seq_len)
+
+
+def make_scheduler(
+    model: Any, args: argparse.Namespace, max_len: int, slots: int, max_waiting: int = 1024
+) -> Scheduler:
+    engine = Engine(
+        model.config,
+        model.params,
+        slots=slots,
+        max_len=max_len,
+        prefill_chunk=args.prefill_chunk,
+        steps_per_call=args.steps_per_call,
+        mesh=model.mesh,
+        rules=args.rules,
+    )
+    return Scheduler(
+        engine,
+        tokenizer=model.tokenizer,
+        default_stop_ids=default_stop_ids(model.config, model.tokenizer),
+        max_waiting=max_waiting,
+    )
+
+
+def need_tokenizer(model: Any, args: argparse.Namespace, flag: str) -> Any:
+    if model.tokenizer is None:
+        where = args.checkpoint or f"preset {args.preset}"
+        raise CLIError(
+            f"{flag} needs a tokenizer and {where} has none (tokenizer.model or tokenizer.json); "
+            "pass --tokenizer FILE or use --prompt-ids"
+        )
+    return model.tokenizer
+
+
+# --- generation ----------------------------------------------------------------------------
+
+
+def generation_parser() -> Parser:
+    p = Parser(
+        prog=PROG,
+        description="Generate with a Llama model. Greedy by default (chat: temperature 0.6, "
+        "top-p 0.9). `python -m llama_jax.infer serve --help` for the HTTP server.",
+    )
+    add_model_args(p)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt", help="prompt text (encoded with BOS)")
+    mode.add_argument("--prompt-ids", type=id_list, help="prompt token ids, e.g. 1,2,3")
+    mode.add_argument("--file", help="JSONL: one {prompt | prompt_ids | messages, ...} per line")
+    mode.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
+    p.add_argument("--system", help="system message (--chat)")
+    p.add_argument("--tools", help="JSON file with a list of OpenAI tool definitions (--chat)")
+    p.add_argument("--json", action="store_true", help="one JSON object per result on stdout")
+    add_sampling_args(p)
+    return p
+
+
+def read_jobs(
+    path: str, model: Any, args: argparse.Namespace
+) -> list[tuple[list[int], SamplingParams]]:
+    """(prompt ids, sampling) per line of a JSONL file; a line may override sampling fields."""
+    from llama_jax.chat import encode_dialog
+
+    jobs = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise CLIError(f"--file {path}: {e.strerror}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or len({"prompt", "prompt_ids", "messages"} & set(row)) != 1:
+            raise CLIError(f"{where}: expected an object with one of prompt, prompt_ids, messages")
+        if "prompt" in row:
+            ids = need_tokenizer(model, args, where).encode(str(row.pop("prompt")), bos=True)
+        elif "prompt_ids" in row:
+            ids = row.pop("prompt_ids")
+        else:
+            tok = need_tokenizer(model, args, where)
+            ids = encode_dialog(
+                tok, with_tools(row.pop("messages"), check_tools(row.pop("tools", [])))
+            )
+        if not (isinstance(ids, list) and all(isinstance(t, int) for t in ids)):
+            raise CLIError(f"{where}: prompt_ids must be a list of integers")
+        try:
+            jobs.append((ids, sampling_from(args, **row)))
+        except TypeError:
+            raise CLIError(f"{where}: unknown fields {sorted(row)}") from None
+        except CLIError as e:
+            raise CLIError(f"{where}: {e}") from None
+    if not jobs:
+        raise CLIError(f"--file {path}: no prompts")
+    return jobs
+
+
+def check_fits(jobs: Sequence[tuple[list[int], SamplingParams]], context: int, what: str) -> None:
+    for ids, _ in jobs:
+        if not 1 <= len(ids) <= context - 1:
+            raise CLIError(
+                f"{what}: prompt has {len(ids)} tokens, but the context (--max-seq-len) is "
+                f"{context}, so it may have 1..{context - 1}"
+            )
+
+
+def run_prompts(model: Any, args: argparse.Namespace) -> None:
+    if args.file:
+        jobs, what = read_jobs(args.file, model, args), f"--file {args.file}"
+    elif args.prompt is not None:
+        ids = need_tokenizer(model, args, "--prompt").encode(args.prompt, bos=True)
+        jobs, what = [(ids, sampling_from(args))], "--prompt"
+    else:
+        jobs, what = [(args.prompt_ids, sampling_from(args))], "--prompt-ids"
+    context = context_len(model, args)
+    check_fits(jobs, context, what)
+    needed = max(len(ids) + s.max_new_tokens for ids, s in jobs)
+    scheduler = make_scheduler(
+        model, args, bucket(needed, 64, context), bucket(len(jobs), 1, args.max_batch)
+    )
+    stream = len(jobs) == 1 and not args.json and model.tokenizer is not None
+    on_update = (lambda _, piece: print(piece, end="", flush=True)) if stream else None
+    requests = [scheduler.submit(ids, s, on_update) for ids, s in jobs]
+    scheduler.run_until_done(requests)
+    for r in requests:
+        if args.json:
+            print(json.dumps(result_json(r)), flush=True)
+        elif stream:
+            print()
+        else:
+            print(r.text if model.tokenizer is not None else " ".join(map(str, r.token_ids)))
+    logging.getLogger(PROG).info("compiled: %s", scheduler.engine.compiles)
+
+
+def result_json(r: Request) -> dict[str, Any]:
+    c = Completion.of(r)
+    out = {
+        "prompt_ids": c.prompt_ids,
+        "generated_ids": c.token_ids,
+        "text": c.text,
+        "finish_reason": c.finish_reason,
+        "timings": c.timings,
+    }
+    if c.logprobs is not None:
+        out["logprobs"] = c.logprobs
+    if c.top_logprobs is not None:
+        out["top_logprobs"] = c.top_logprobs
+    return out
+
+
+# --- chat ----------------------------------------------------------------------------------
+
+
+def run_chat(model: Any, args: argparse.Namespace) -> None:
+    """Read user turns from stdin, stream the assistant's replies. `/reset` forgets the
+    conversation, `/tool TEXT` answers a tool call with its result, `/exit` (or EOF) quits."""
+    from llama_jax.chat import encode_dialog, parse_assistant
+
+    tok = need_tokenizer(model, args, "--chat")
+    tools = load_tools(args.tools)
+    params = sampling_from(args)
+    context = context_len(model, args, resident=True)
+    scheduler = make_scheduler(model, args, context, 1)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(start)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat: /reset forgets, /tool TEXT answers a tool call, /exit quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            history = list(start)
+            continue
+        if line.startswith("/tool "):
+            history.append({"role": "tool", "content": line[len("/tool ") :]})
+        elif line.strip():
+            history.append({"role": "user", "content": line})
+        else:
+            continue
+        ids = encode_dialog(tok, with_tools(history, tools))
+        if len(ids) > context - 1:
+            print(f"{PROG}: error: the conversation has {len(ids)} tokens, more than the "
+                  f"context ({context}) allows; /reset to start over", file=sys.stderr)  # fmt: skip
+            history.pop()
+            continue
+        request, streamed = chat_turn(scheduler, ids, params, hold=bool(tools), quiet=args.json)
+        message = parse_assistant(tok, request.token_ids) if tools else None
+        if message is None or not message["tool_calls"]:
+            message = {"role": "assistant", "content": request.text}
+        history.append(message)
+        if args.json:
+            print(json.dumps({**result_json(request), "message": message}), flush=True)
+            continue
+        if streamed:
+            print()
+        calls = message.get("tool_calls") or []
+        for call in calls:
+            print(f"[tool call] {call['function']['name']}({call['function']['arguments']})")
+        if not streamed and not calls:
+            print(request.text, flush=True)
+
+
+def load_tools(path: str | None) -> list[dict[str, Any]]:
+    if not path:
+        return []
+    try:
+        return check_tools(json.loads(Path(path).read_text()))
+    except (OSError, json.JSONDecodeError, ValueError) as e:
+        raise CLIError(f"--tools {path}: {e}") from None
+
+
+def chat_turn(
+    scheduler: Scheduler, ids: list[int], params: SamplingParams, hold: bool, quiet: bool
+) -> tuple[Request, bool]:
+    """Generate one reply, streaming it to stdout unless `quiet`. With `hold` (tools on offer),
+    text that may still become a tool call is held back. Returns (request, whether any text
+    was streamed); the caller shows what was held."""
+    pending: list[str] = []
+    streamed = False
+
+    def on_update(request: Request, piece: str) -> None:
+        nonlocal streamed
+        pending.append(piece)
+        if quiet or (hold and not streamed and may_be_tool_call("".join(pending))):
+            return
+        print("".join(pending), end="", flush=True)
+        pending.clear()
+        streamed = True
+
+    request = scheduler.submit(ids, params, on_update)
+    scheduler.run_until_done([request])
+    return request, streamed
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from llama_jax.checkpoint.errors import CheckpointError
+    from llama_jax.config import ConfigError
+    from sharding.mesh import ShardingError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["serve"]:
+            from infer.server import serve_main, server_parser
+
+            args = server_parser().parse_args(argv[1:])
+            setup_logging(args.verbose)
+            serve_main(args, load_model(args))
+        else:
+            args = generation_parser().parse_args(argv)
+            setup_logging(args.verbose)
+            sampling_from(args)  # bad sampling flags fail before a long checkpoint load
+            model = load_model(args)
+            run_chat(model, args) if args.chat else run_prompts(model, args)
+    except (CLIError, EngineError, CheckpointError, ConfigError, ShardingError, OSError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(name)s: %(message)s",
+        stream=sys.stderr,
+    )

@@ -1,0 +1,416 @@
+"""OpenAI-compatible HTTP server: /v1/models, /v1/completions, /v1/chat/completions, /health.
+
+One scheduler thread runs continuous batching; request handlers submit to it and await their
+tokens through an asyncio queue fed from that thread. Everything a client can get wrong is a
+4xx with an OpenAI-style JSON error: invalid JSON or fields (400), unknown model (404), a body
+over `--max-body-bytes` (413), a full queue (429). A streaming client that disconnects has its
+request cancelled, which frees its decode slot at the next scheduler step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from infer.batching import Overloaded, Request, Scheduler
+from infer.engine import EngineError
+from infer.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    SamplingFields,
+    TokenText,
+    error_body,
+    new_id,
+    now,
+    usage,
+)
+from infer.sampling import SamplingError, SamplingParams
+from infer.tools import check_tools, may_be_tool_call, with_tools
+
+log = logging.getLogger("llama_jax.infer.server")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request (and the server as a whole) may ask for."""
+
+    max_body_bytes: int = 1 << 20
+    max_tokens: int = 4096  # per request; also bounded by the context
+    max_prompts: int = 16  # prompts in one /v1/completions request
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+Event = tuple[int, str, bool, int]  # (choice index, new text, finished, tokens so far)
+
+
+class Job:
+    """The requests of one HTTP call and the queue their progress arrives on."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.requests: list[Request] = []
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        try:
+            for i, ids in enumerate(prompts):
+                self.requests.append(self.scheduler.submit(ids, params, self._listener(i)))
+        except Overloaded as e:
+            self.cancel()
+            raise APIError(429, f"server busy: {e}", "rate_limit_error") from None
+        except (EngineError, ValueError) as e:
+            self.cancel()
+            raise APIError(400, str(e)) from None
+
+    def _listener(self, index: int) -> Callable[[Request, str], None]:
+        def on_update(request: Request, piece: str) -> None:
+            event = (index, piece, request.done.is_set(), len(request.token_ids))
+            with contextlib.suppress(RuntimeError):  # the event loop has shut down
+                self._loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+        return on_update
+
+    async def events(self, http: HTTPRequest | None = None) -> AsyncIterator[Event]:
+        """Progress events until every request is done. With `http`, a client that went away
+        (checked while waiting) cancels the job."""
+        remaining = len(self.requests)
+        while remaining:
+            try:
+                event = await asyncio.wait_for(self.queue.get(), timeout=1.0)
+            except TimeoutError:
+                if http is not None and await http.is_disconnected():
+                    self.cancel()
+                    return
+                continue
+            remaining -= event[2]
+            yield event
+
+    async def wait(self, http: HTTPRequest) -> None:
+        """Until every request is done (non-streaming); a failed generation is a 500."""
+        async for _ in self.events(http):
+            pass
+        if any(r.finish_reason == "error" for r in self.requests):
+            raise APIError(500, "generation failed; see the server log", "server_error")
+
+    def cancel(self) -> None:
+        for r in self.requests:
+            if not r.done.is_set():
+                self.scheduler.cancel(r)
+
+
+class API:
+    """Request handling, independent of the FastAPI wiring in `create_app`."""
+
+    def __init__(self, scheduler: Scheduler, model_name: str, limits: Limits) -> None:
+        self.scheduler, self.model_name, self.limits = scheduler, model_name, limits
+        self.tokenizer = scheduler.tokenizer
+        self.tokens = TokenText(self.tokenizer)
+        self.context = scheduler.engine.max_len
+
+    def _check(self, body: SamplingFields, max_tokens: int | None, default: int) -> int:
+        if body.model not in (None, self.model_name):
+            raise APIError(404, f"model {body.model!r} not found; this server has {self.model_name!r}", "not_found_error")  # fmt: skip
+        if max_tokens is not None and max_tokens > self.limits.max_tokens:
+            raise APIError(400, f"max_tokens must be <= {self.limits.max_tokens}, got {max_tokens}")
+        return max_tokens or min(default, self.limits.max_tokens)
+
+    def _sampling(
+        self, body: SamplingFields, max_new: int, logprobs: bool, top: int
+    ) -> SamplingParams:
+        try:
+            return body.sampling(max_new, logprobs, top)
+        except SamplingError as e:
+            raise APIError(400, str(e)) from None
+
+    def _need_tokenizer(self, what: str) -> Any:
+        if self.tokenizer is None:
+            raise APIError(400, f"{what} needs a tokenizer and this model has none; send token ids")
+        return self.tokenizer
+
+    # --- /v1/completions -------------------------------------------------------------------
+
+    async def completions(self, body: CompletionRequest, http: HTTPRequest):
+        max_new = self._check(body, body.max_tokens, 16)
+        prompts = self._completion_prompts(body.prompt)
+        top = body.logprobs or 0
+        params = self._sampling(body, max_new, body.logprobs is not None, top)
+        job = Job(self.scheduler)
+        job.submit(prompts, params)
+        rid, created = new_id("cmpl"), now()
+
+        def chunk(choices: list[dict], **extra: Any) -> dict:
+            return {"id": rid, "object": "text_completion", "created": created,
+                    "model": self.model_name, "choices": choices, **extra}  # fmt: skip
+
+        if not body.stream:
+            await job.wait(http)
+            choices = [
+                {"index": i, "text": r.text, "finish_reason": r.finish_reason,
+                 "logprobs": self.tokens.completion_logprobs(r, 0, len(r.token_ids), 0)
+                 if body.logprobs is not None else None}
+                for i, r in enumerate(job.requests)
+            ]  # fmt: skip
+            return chunk(choices, usage=usage(job.requests))
+
+        async def stream() -> AsyncIterator[dict]:
+            sent = [0] * len(job.requests)
+            offsets = [0] * len(job.requests)
+            async for i, piece, done, n in job.events():
+                r = job.requests[i]
+                lp = None
+                if body.logprobs is not None:
+                    lp = self.tokens.completion_logprobs(r, sent[i], n, offsets[i])
+                    offsets[i] += sum(len(t) for t in lp["tokens"])
+                sent[i] = n
+                if piece or done or lp:
+                    yield chunk([{"index": i, "text": piece, "logprobs": lp,
+                                  "finish_reason": r.finish_reason if done else None}])  # fmt: skip
+            if body.include_usage:
+                yield chunk([], usage=usage(job.requests))
+
+        return sse(stream(), job)
+
+    def _completion_prompts(self, prompt: Any) -> list[list[int]]:
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt must not be empty")
+        if len(prompt) > self.limits.max_prompts:
+            raise APIError(400, f"at most {self.limits.max_prompts} prompts per request")
+        return [
+            self._need_tokenizer("a text prompt").encode(p, bos=True) if isinstance(p, str) else p
+            for p in prompt
+        ]
+
+    # --- /v1/chat/completions --------------------------------------------------------------
+
+    async def chat(self, body: ChatRequest, http: HTTPRequest):
+        from llama_jax.chat import encode_dialog, parse_assistant
+
+        tok = self._need_tokenizer("chat")
+        tools = []
+        try:
+            if body.tools and body.tool_choice != "none":
+                tools = check_tools(body.tools)
+            ids = encode_dialog(tok, with_tools(body.messages, tools))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise APIError(400, f"messages: {e}") from None
+        room = max(self.context - len(ids), 1)
+        max_new = self._check(body, body.max_completion_tokens or body.max_tokens, room)
+        want_lp = bool(body.logprobs)
+        params = self._sampling(body, max_new, want_lp, body.top_logprobs or 0 if want_lp else 0)
+        job = Job(self.scheduler)
+        job.submit([ids], params)
+        r = job.requests[0]
+        rid, created = new_id("chatcmpl"), now()
+
+        def reply() -> tuple[dict, str]:
+            """The finished message and finish_reason (tool calls parsed when tools were on)."""
+            message = parse_assistant(tok, r.token_ids) if tools else None
+            if message and message["tool_calls"]:
+                return {"role": "assistant", "content": None,
+                        "tool_calls": message["tool_calls"]}, "tool_calls"  # fmt: skip
+            return {"role": "assistant", "content": r.text}, r.finish_reason
+
+        def chunk(delta: dict, finish: str | None = None, lp: dict | None = None) -> dict:
+            return {"id": rid, "object": "chat.completion.chunk", "created": created,
+                    "model": self.model_name,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": lp,
+                                 "finish_reason": finish}]}  # fmt: skip
+
+        if not body.stream:
+            await job.wait(http)
+            message, finish = reply()
+            lp = self.tokens.chat_logprobs(r, 0, len(r.token_ids)) if want_lp else None
+            return {"id": rid, "object": "chat.completion", "created": created,
+                    "model": self.model_name,
+                    "choices": [{"index": 0, "message": message, "logprobs": lp,
+                                 "finish_reason": finish}],
+                    "usage": usage(job.requests)}  # fmt: skip
+
+        async def stream() -> AsyncIterator[dict]:
+            yield chunk({"role": "assistant", "content": ""})
+            held, sent, streaming = "", 0, not tools
+            async for _, piece, done, n in job.events():
+                held += piece
+                # With tools on offer, text that may still become a tool call waits.
+                streaming = streaming or not may_be_tool_call(held)
+                if streaming and (held or n > sent):
+                    lp = self.tokens.chat_logprobs(r, sent, n) if want_lp else None
+                    yield chunk({"content": held}, lp=lp)
+                    held, sent = "", n
+                if done:
+                    message, finish = reply()
+                    if message.get("tool_calls"):
+                        calls = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
+                        yield chunk({"tool_calls": calls})
+                    elif held:
+                        yield chunk({"content": held})
+                    yield chunk({}, finish)
+            if body.include_usage:
+                yield {**chunk({}), "choices": [], "usage": usage(job.requests)}
+
+        return sse(stream(), job)
+
+
+def sse(chunks: AsyncIterator[dict], job: Job) -> StreamingResponse:
+    """Server-sent events ending in `[DONE]`; a disconnect (the stream is cancelled) cancels
+    the job's requests, freeing their slots."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for c in chunks:
+                yield f"data: {json.dumps(c)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})  # fmt: skip
+
+
+class BodyLimit:
+    """ASGI middleware bounding request bodies: a declared Content-Length over the limit gets a
+    JSON 413 before anything is read; a body streamed without one is cut off at the limit (the
+    HTTPException raised while the route reads it becomes the same JSON 413)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"request body must be at most {self.max_bytes} bytes"
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            response = JSONResponse(error_body(message, "invalid_request_error"), 413)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            event = await receive()
+            received += len(event.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, message)
+            return event
+
+        await self.app(scope, limited_receive, send)
+
+
+def create_app(scheduler: Scheduler, *, model_name: str, limits: Limits = Limits()) -> FastAPI:
+    """The FastAPI app; the scheduler thread runs for the app's lifetime."""
+    api = API(scheduler, model_name, limits)
+    stop = threading.Event()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        thread = threading.Thread(
+            target=scheduler.serve_forever, args=(stop,), name="scheduler", daemon=True
+        )
+        thread.start()
+        yield
+        stop.set()
+        thread.join(timeout=10)
+
+    app = FastAPI(title="llama-jax", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_req, e: APIError):
+        return JSONResponse(error_body(e.message, e.kind), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req, e: RequestValidationError):
+        first = e.errors()[0]
+        if first.get("type") == "json_invalid":
+            message = f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
+        else:
+            where = ".".join(str(x) for x in first.get("loc", ())[1:])
+            message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+        return JSONResponse(error_body(message, "invalid_request_error"), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_req, e: HTTPException):
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _crash(_req, e: Exception):
+        log.exception("request failed")
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), 500)
+
+    @app.get("/health")
+    async def health():
+        return {
+            "status": "ok",
+            "model": model_name,
+            "load": scheduler.load,
+            "finished": dict(scheduler.finished),
+        }
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "llama-jax"}
+        return {"object": "list", "data": [card]}
+
+    app.post("/v1/completions")(api.completions)
+    app.post("/v1/chat/completions")(api.chat)
+    return app
+
+
+# --- `python -m llama_jax.infer serve` -----------------------------------------------------
+
+
+def server_parser() -> argparse.ArgumentParser:
+    from infer.cli import PROG, Parser, add_model_args, positive
+
+    p = Parser(prog=f"{PROG} serve", description="OpenAI-compatible HTTP server.")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", help="model id reported and accepted (default: the dir name)")
+    p.add_argument("--max-body-bytes", type=positive, default=Limits.max_body_bytes)
+    p.add_argument("--max-tokens", type=positive, help="max_tokens bound (default: the context)")
+    p.add_argument("--max-waiting", type=positive, default=64,
+                   help="queued requests beyond the decode slots; more get 429 (default 64)")  # fmt: skip
+    return p
+
+
+def serve_main(args: argparse.Namespace, model: Any) -> None:
+    from pathlib import Path
+
+    from infer.cli import context_len, make_scheduler
+
+    context = context_len(model, args, resident=True)
+    scheduler = make_scheduler(model, args, context, args.max_batch, args.max_waiting)
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens or context)
+    name = args.model_name or (Path(args.checkpoint).name if args.checkpoint else args.preset)
+    app = create_app(scheduler, model_name=name, limits=limits)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        limit_concurrency=args.max_batch + args.max_waiting + 16,
+        log_level="info" if args.verbose else "warning",
+    )
