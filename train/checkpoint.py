@@ -1,0 +1,181 @@
+"""Run checkpoints with Orbax: asynchronous saves every N steps, on SIGTERM, keep the last K.
+
+A run directory holds `checkpoints/<step>/` with these items:
+  params        float32 parameters (pure dict), sharded arrays
+  opt_state     optimizer state (same tree as `optimizer.init`)
+  progress      JSON: step and the raw RNG key
+  data          the grain iterator position, one JSON file per host
+  model_config  JSON: `LlamaConfig.to_dict()`, so the params load without any flag
+  run           JSON: the resolved training config and the tokenizer used
+
+Arrays are restored onto whatever shardings the caller asks for, so a checkpoint written on one
+mesh resumes on another. `load_run_params` reads just the config and parameters of the latest
+(or a given) step; `llama_jax.load(run_dir)` uses it.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import SingleDeviceSharding
+
+from llama_jax.checkpoint.errors import CheckpointError
+from llama_jax.config import LlamaConfig
+from llama_jax.model import Params, param_shapes
+from train.step import TrainState
+
+CHECKPOINTS = "checkpoints"
+ITEMS = ("params", "opt_state", "progress", "data", "model_config", "run")
+
+
+class RunCheckpointer:
+    """The Orbax `CheckpointManager` of one run directory."""
+
+    def __init__(self, run_dir: str | Path, *, keep: int):
+        self.directory = Path(run_dir).resolve() / CHECKPOINTS
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=True,
+            create=True,
+            cleanup_tmp_directories=True,  # a save cut short by kill -9 leaves a temporary dir
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(
+        self,
+        state: TrainState,
+        data_iter: Any,
+        model_config: LlamaConfig,
+        run_info: dict[str, Any],
+    ) -> bool:
+        """Start an asynchronous save of step `state.step` (the loop decides when).
+
+        The device arrays are copied before this returns, so the state may be donated to the
+        next step right away; the data position is read now, before the iterator moves on.
+        """
+        step = int(state.step)
+        return self.manager.save(
+            step,
+            force=True,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                opt_state=ocp.args.StandardSave(state.opt_state),
+                progress=ocp.args.JsonSave({"step": step, "rng": np.asarray(state.rng).tolist()}),
+                data=grain.checkpoint.CheckpointSave(data_iter),
+                model_config=ocp.args.JsonSave(model_config.to_dict()),
+                run=ocp.args.JsonSave(run_info),
+            ),
+        )
+
+    def restore(self, step: int, target: TrainState, data_iter: Any) -> TrainState:
+        """The train state of `step` onto `target`'s shardings (`ShapeDtypeStruct`s with
+        shardings), and the data iterator moved to that step's position."""
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(target.params),
+                opt_state=ocp.args.StandardRestore(target.opt_state),
+                progress=ocp.args.JsonRestore(),
+                data=grain.checkpoint.CheckpointRestore(data_iter),
+            ),
+        )
+        progress = restored["progress"]
+        rng = jax.device_put(np.asarray(progress["rng"], np.uint32), target.rng.sharding)
+        step_array = jax.device_put(np.int32(progress["step"]), target.step.sharding)
+        return TrainState(step_array, restored["params"], restored["opt_state"], rng)
+
+    def wait(self) -> None:
+        """Block until every started save is on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+class PreemptionWatch:
+    """Turns SIGTERM (a preemption notice) into a flag the training loop checks every step.
+
+    On multi-host jobs JAX's preemption sync point makes every host stop at the same step.
+    """
+
+    def __init__(self) -> None:
+        self._flag = threading.Event()
+        self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+
+    def reached(self, step: int, manager: ocp.CheckpointManager | None) -> bool:
+        if manager is not None and jax.process_count() > 1:
+            return manager.reached_preemption(step)
+        return self._flag.is_set()
+
+    def close(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _checkpoint_root(path: Path) -> tuple[Path, int | None]:
+    """(Orbax manager directory, step or None for latest) for a run dir, its `checkpoints/`
+    directory or one step directory."""
+    if (path / CHECKPOINTS).is_dir():
+        return path / CHECKPOINTS, None
+    if (path / "params").is_dir() and path.name.isdigit():
+        return path.parent, int(path.name)
+    return path, None
+
+
+def _open(path: str | Path) -> tuple[ocp.CheckpointManager, int]:
+    """A read-only manager on `path` (run dir, its checkpoints/ dir or a step dir) and the step
+    to read."""
+    root, step = _checkpoint_root(Path(path).resolve())
+    manager = ocp.CheckpointManager(
+        root, options=ocp.CheckpointManagerOptions(read_only=True), item_names=ITEMS
+    )
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        manager.close()
+        raise CheckpointError(
+            f"{path}: no training checkpoint found (expected {CHECKPOINTS}/<step>/)"
+        )
+    return manager, step
+
+
+def _read_config(manager: ocp.CheckpointManager, step: int) -> LlamaConfig:
+    meta = manager.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
+    return LlamaConfig.from_dict(meta["model_config"])
+
+
+def read_model_config(path: str | Path) -> LlamaConfig:
+    """The model config saved with a run's latest checkpoint (or with the step dir given)."""
+    manager, step = _open(path)
+    with manager:
+        return _read_config(manager, step)
+
+
+def load_run_params(
+    run_dir: str | Path, shardings: Params | None = None
+) -> tuple[LlamaConfig, Params]:
+    """(model config, float32 params) of a run's latest checkpoint (or of the step directory
+    given). `shardings` places the params (default: the first device)."""
+    manager, step = _open(run_dir)
+    with manager:
+        config = _read_config(manager, step)
+        if shardings is None:
+            device = SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree.map(lambda _: device, param_shapes(config))
+        target = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            param_shapes(config),
+            shardings,
+        )
+        restored = manager.restore(
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+        )
+    return config, restored["params"]

@@ -1,0 +1,153 @@
+"""One training config: a YAML file (or a named one from `configs/`) plus command-line overrides.
+
+The file mirrors `TrainConfig`: top-level run settings, and `data:` / `optim:` sections. Any
+field can be overridden with `--set section.field=value` (value parsed as YAML); the common ones
+have their own flags in `llama_jax.train`. Unknown keys are errors naming the file and key, so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from train.data import DataConfig
+from train.optim import OptimConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class TrainConfigError(ValueError):
+    """A config file, key or value that a training run cannot use."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run.
+
+        `model` is a preset name; `init_from` (any layout `llama_jax.load` reads) replaces it with
+        that checkpoint's config and weights. `model_overrides` changes LlamaConfig fields;
+        `compute_dtype` / `remat` (None: the model's own) are the usual ones. Parameters and optimizer
+        moments are always float32. `checkpoint_dir` is the run directory; it resumes when it holds a
+        checkpoint. `export_dir` receives the final weights as `export_format` ("hf", "meta" or
+    "orbax"). `peak_tflops` is one device's peak for MFU (0: look it up or measure it).
+    """
+
+    model: str = "tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    compute_dtype: str | None = "bfloat16"
+    remat: str | None = None
+    init_from: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 1000
+    grad_accum: int = 1
+    mesh: str = "fsdp=-1"
+    rules: str = "fsdp"
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    save_every: int = 1000
+    keep: int = 3
+    export_dir: str | None = None
+    export_format: str = "hf"
+    log_every: int = 10
+    peak_tflops: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"data": DataConfig, "optim": OptimConfig}
+
+
+def _coerce(value: Any, current: Any, key: str, source: str) -> Any:
+    """Check a value against the type of the field's current value; ints and `1e-3`-style
+    strings are accepted for floats, mappings are merged."""
+    if key == "data.paths":
+        return tuple(value) if isinstance(value, list | tuple) else (value,)
+    if isinstance(current, dict):
+        if not isinstance(value, dict):
+            raise TrainConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+        return {**current, **value}
+    if current is None:
+        return value
+    if isinstance(current, float) and isinstance(value, str):  # YAML reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(current, bool) != isinstance(value, bool):
+        raise TrainConfigError(f"{source}: {key} expects {type(current).__name__}, got {value!r}")
+    if isinstance(current, float) and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, type(current)) and value is not None:
+        raise TrainConfigError(f"{source}: {key} expects {type(current).__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], base: Any, prefix: str, source: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    changes = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise TrainConfigError(
+                f"{source}: unknown key {name!r}; known: {', '.join(sorted(known))}"
+            )
+        current = getattr(base, key)
+        if key in _SECTIONS and cls is TrainConfig:
+            if not isinstance(value, dict):
+                raise TrainConfigError(f"{source}: {name} must be a mapping")
+            changes[key] = _build(_SECTIONS[key], value, current, f"{name}.", source)
+        else:
+            changes[key] = _coerce(value, current, name, source)
+    return dataclasses.replace(base, **changes)
+
+
+def resolve_config_path(name: str) -> Path:
+    """A YAML path, or the name of a file in `configs/` (`tiny-arithmetic` -> its .yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    named = CONFIG_DIR / f"{name}.yaml"
+    if named.is_file():
+        return named
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise TrainConfigError(f"--config {name}: no such file or named config (known: {known})")
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults <- YAML file `path` <- `overrides` (nested dicts, as the file would hold them)."""
+    config = TrainConfig()
+    if path is not None:
+        file = resolve_config_path(path)
+        try:
+            values = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise TrainConfigError(f"{file}: not valid YAML ({e})") from None
+        if not isinstance(values, dict):
+            raise TrainConfigError(f"{file}: expected a mapping at the top level")
+        config = _build(TrainConfig, values, config, "", str(file))
+    if overrides:
+        config = _build(TrainConfig, overrides, config, "", "command line")
+    return config
+
+
+def parse_assignments(items: Iterable[str]) -> dict[str, Any]:
+    """`["optim.lr=1e-3", "data.sft=true"]` -> `{"optim": {"lr": 0.001}, "data": {"sft": True}}`."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise TrainConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-3")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return out

@@ -1,0 +1,39 @@
+"""The built-in synthetic corpus: single-digit addition and subtraction facts.
+
+Small enough for a tiny model to learn in minutes on a CPU, and learning is easy to see: an
+untrained model answers `7+8=` at random, a trained one says `15`. Each document is one fact,
+`{"text": "7+8=15"}`; subtraction keeps results non-negative. Training reads it as the data
+path `builtin:arithmetic`. (With the Llama 3 tokenizer every
+number here is one token, so a fact is `<|begin_of_text|> 7 + 8 = 15 <|end_of_text|>`.)
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+
+
+def facts() -> list[tuple[str, str]]:
+    """Every (prompt, answer) pair: `("7+8=", "15")`, `("9-4=", "5")`, ..."""
+    out = [(f"{a}+{b}=", str(a + b)) for a in range(10) for b in range(10)]
+    out += [(f"{a}-{b}=", str(a - b)) for a in range(10) for b in range(a + 1)]
+    return out
+
+
+def documents(n_docs: int = 20000, seed: int = 0) -> list[dict[str, str]]:
+    """`n_docs` facts drawn uniformly with `seed`, as `{"text": "7+8=15"}` documents."""
+    rng = random.Random(seed)
+    table = facts()
+    return [{"text": "".join(rng.choice(table))} for _ in range(n_docs)]
+
+
+def score(completions: Mapping[str, str]) -> tuple[int, int]:
+    """(right, total) for `{prompt: generated text}`; right when the text starts with the answer
+    and is not followed by another digit."""
+    answers = dict(facts())
+    right = 0
+    for prompt, text in completions.items():
+        answer = answers[prompt]
+        text = text.strip()
+        right += text.startswith(answer) and not text[len(answer) : len(answer) + 1].isdigit()
+    return right, len(completions)

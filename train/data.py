@@ -1,0 +1,241 @@
+"""Documents -> token streams -> fixed-length packed rows, with a grain pipeline.
+
+Sources: text files (one file is one document), JSONL with `{"text": ...}` per line, chat JSONL
+with `{"messages": [...]}` per line, or the built-in corpus `builtin:arithmetic`. Each document becomes `<|begin_of_text|> ... ` ids;
+text documents also end in `<|end_of_text|>` (chat documents end in their own eot).
+
+A document of n ids gives n-1 (input, target) pairs, so no target ever crosses into the next
+document. Documents longer than a row are cut into row-sized pieces. Pieces are first-fit packed
+into rows (grain `FirstFitPackIterDataset`) with per-token `positions` restarting at 0 for each
+piece and `segment_ids` 1, 2, ... per piece (0 = padding), which the model turns into a
+block-diagonal causal mask: attention never crosses a document, as in Llama 3's training.
+
+Order is a function of the seed alone (grain's index shuffle, reseeded per epoch) and every data
+shard (the processes feeding one block of batch rows) reads its own slice of the documents. The pipeline's iterator state is saved in each checkpoint.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from llama_jax.chat import encode_dialog_with_mask
+from train import corpus
+
+BUILTIN = "builtin:arithmetic"  # the synthetic corpus of train/corpus.py
+JSONL_SUFFIXES = (".jsonl",)
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+Example = dict[str, np.ndarray]
+# Packed per-token features; `positions` and `segment_ids` come from the packer.
+PACKED_KEYS = ("tokens", "targets", "loss_mask")
+
+
+class DataError(ValueError):
+    """A data file or document that is not what the pipeline reads."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Data settings. `batch` is the global number of rows per step (split over hosts);
+    `packing_bins` is how many rows are filled at once (0: one host batch). `read_threads` > 0
+    reads and tokenizes documents in background threads, which pays off only when documents
+    come from slow storage: otherwise the main thread keeps ahead of the device (the step is
+    dispatched asynchronously) and threads only add GIL contention."""
+
+    paths: tuple[str, ...] = ()
+    seq_len: int = 2048
+    batch: int = 8
+    sft: bool = False
+    tokenizer: str = "llama3"
+    packing_bins: int = 0
+    read_threads: int = 0
+
+
+# --- documents -------------------------------------------------------------------------------
+
+
+def expand_paths(paths: Sequence[str]) -> list[Path]:
+    """Files named by `paths`: files, directories (their text/JSONL files, recursively) or globs,
+    in a fixed (sorted) order."""
+    if not paths:
+        raise DataError(
+            "--data: no training data given (--data PATH... or data.paths in the config)"
+        )
+    files: list[Path] = []
+    for raw in paths:
+        matches = sorted(glob.glob(raw, recursive=True)) if glob.has_magic(raw) else [raw]
+        if not matches:
+            raise DataError(f"--data {raw}: no file matches")
+        for match in map(Path, matches):
+            if match.is_dir():
+                suffixes = JSONL_SUFFIXES + TEXT_SUFFIXES
+                files += sorted(p for p in match.rglob("*") if p.suffix in suffixes)
+            elif match.is_file():
+                files.append(match)
+            else:
+                raise DataError(f"--data {match}: no such file or directory")
+    if not files:
+        raise DataError(f"--data {' '.join(paths)}: no .txt/.md/.jsonl files found")
+    return files
+
+
+class DocumentSource:
+    """Random access to documents (grain's data-source protocol: `len` and `[i]`).
+
+    JSONL files are indexed by line offsets once at start-up, so a document is read (and parsed)
+    only when the pipeline asks for it.
+    """
+
+    def __init__(self, paths: Sequence[str]):
+        self.files = expand_paths(paths)
+        file_ids, offsets, lines = [], [], []
+        for i, path in enumerate(self.files):
+            if path.suffix not in JSONL_SUFFIXES:
+                file_ids.append(i), offsets.append(-1), lines.append(0)
+                continue
+            offset = 0
+            with path.open("rb") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        file_ids.append(i), offsets.append(offset), lines.append(lineno)
+                    offset += len(line)
+        if not file_ids:
+            raise DataError(f"--data: {len(self.files)} file(s) hold no documents")
+        self._file = np.asarray(file_ids, np.int32)
+        self._offset = np.asarray(offsets, np.int64)
+        self._line = np.asarray(lines, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._file)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.files[self._file[index]]
+        if self._offset[index] < 0:
+            return {"text": path.read_text(encoding="utf-8")}
+        where = f"{path}:{self._line[index]}"
+        with path.open("rb") as f:
+            f.seek(int(self._offset[index]))
+            line = f.readline()
+        try:
+            doc = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(doc, dict) or not ("text" in doc or "messages" in doc):
+            raise DataError(f'{where}: expected {{"text": ...}} or {{"messages": [...]}}')
+        return doc
+
+
+def open_documents(paths: Sequence[str]) -> Sequence[dict[str, Any]]:
+    """The documents of `--data`: files (see `DocumentSource`) or the built-in corpus."""
+    if list(paths) == [BUILTIN]:
+        return corpus.documents()
+    if BUILTIN in paths:
+        raise DataError(f"--data {BUILTIN} cannot be mixed with files")
+    return DocumentSource(paths)
+
+
+# --- tokenization and pieces -----------------------------------------------------------------
+
+
+def tokenize_document(doc: dict[str, Any], tokenizer: Any, sft: bool) -> Example:
+    """One document -> {tokens, targets, loss_mask} of length n-1 (inputs, next ids, weights).
+
+    Pretraining counts every target. SFT counts only the targets the chat mask marks (assistant
+    bodies and their closing eot/eom), and needs chat documents.
+    """
+    if "messages" in doc:
+        ids, mask = encode_dialog_with_mask(tokenizer, doc["messages"])
+        if not sft:
+            mask = [1] * len(ids)
+    elif sft:
+        raise DataError('--sft: every document must be chat JSONL {"messages": [...]}')
+    else:
+        ids = tokenizer.encode(doc["text"], bos=True, eos=True)
+        mask = [1] * len(ids)
+    ids_arr = np.asarray(ids, np.int32)
+    return {
+        "tokens": ids_arr[:-1],
+        "targets": ids_arr[1:],
+        "loss_mask": np.asarray(mask[1:], np.float32),
+    }
+
+
+class SplitLong(grain.experimental.FlatMapTransform):
+    """Cut an example longer than a row into row-sized pieces (each restarts its positions)."""
+
+    max_fan_out = 1 << 20
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+
+    def flat_map(self, example: Example) -> list[Example]:
+        n = len(example["tokens"])
+        return [
+            {k: v[start : start + self.seq_len] for k, v in example.items()}
+            for start in range(0, n, self.seq_len)
+        ]
+
+
+def _as_batch(packed: Example) -> dict[str, np.ndarray]:
+    """Packer output -> the train step's batch keys and dtypes."""
+    return {
+        "tokens": packed["tokens"],
+        "targets": packed["targets"],
+        "positions": packed["tokens_positions"],
+        "segment_ids": packed["tokens_segment_ids"],
+        "loss_mask": packed["loss_mask"],
+    }
+
+
+def pack_examples(
+    examples: grain.IterDataset, seq_len: int, rows: int, seed: int
+) -> grain.IterDataset:
+    """Variable-length examples -> packed rows {tokens, targets, positions, segment_ids,
+    loss_mask} of length `seq_len`, `rows` rows filled at a time (first fit), rows shuffled."""
+    pieces = grain.experimental.FlatMapIterDataset(examples, SplitLong(seq_len))
+    packed = grain.experimental.FirstFitPackIterDataset(
+        pieces,
+        length_struct={k: seq_len for k in PACKED_KEYS},
+        num_packing_bins=rows,
+        seed=seed,
+        meta_features=("targets", "loss_mask"),
+    )
+    return packed.map(_as_batch)
+
+
+def make_dataset(
+    documents: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    cfg: DataConfig,
+    *,
+    seed: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> grain.IterDataset:
+    """One data shard's endless stream of batches: dict of [batch // shard_count, seq_len]
+    arrays (a process feeds the rows of the global batch that its devices hold).
+
+    Documents are split over shards first (shard i reads documents i, i+S, ...), then shuffled
+    with `seed` (a new permutation each epoch), tokenized, packed and batched.
+    """
+    if cfg.batch % shard_count:
+        raise DataError(f"--batch {cfg.batch} is not divisible by the {shard_count} data shards")
+    if len(documents) < shard_count:
+        raise DataError(f"--data: {len(documents)} documents for {shard_count} data shards")
+    local_batch = cfg.batch // shard_count
+    docs = grain.MapDataset.source(documents)[shard_index::shard_count]
+    examples = (
+        docs.shuffle(seed=seed)
+        .repeat()
+        .map(lambda doc: tokenize_document(doc, tokenizer, cfg.sft))
+        .to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads))
+    )
+    rows = max(cfg.packing_bins, local_batch)
+    return pack_examples(examples, cfg.seq_len, rows, seed).batch(local_batch, drop_remainder=True)

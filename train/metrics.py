@@ -1,0 +1,164 @@
+"""Training metrics: the FLOP count behind MFU, peak device FLOP/s, and the three sinks
+(console progress bar, TensorBoard event files, JSONL).
+
+FLOPs per trained token (model FLOPs, so rematerialisation is not counted: this is MFU, not HFU):
+
+    6 * N_matmul  +  6 * L * H * hd * T
+
+N_matmul counts the weights that multiply activations: per layer the q/k/v/o projections
+(d * hd * (2 H + 2 Hkv)) and the SwiGLU MLP (3 * d * ffn), plus the output head (d * V, counted
+even when tied; the embedding lookup is a gather, not a matmul). 2 FLOPs per multiply-add and
+a backward pass costing twice the forward give the 6. Attention scores (Q K^T) and values
+(P V) cost 2 * 2 * T * H * hd per token per layer forward, times 3 for forward + backward, which
+is 12 * L * H * hd * T, halved because a causal mask leaves half the (query, key) pairs.
+Only non-padding tokens count, so padding shows up as lost MFU.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from llama_jax.config import LlamaConfig
+
+# Dense bf16 peak FLOP/s per device (chip), from vendor data sheets, by `device_kind` prefix.
+PEAK_FLOPS = {
+    "TPU v6": 918e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 197e12,  # v5e ("TPU v5 lite")
+    "TPU v4": 275e12,
+    "TPU v3": 123e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def matmul_params(config: LlamaConfig) -> int:
+    """Weights that multiply activations (see the module docstring)."""
+    c = config
+    attn = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
+    mlp = 3 * c.dim * c.ffn_dim
+    return c.n_layers * (attn + mlp) + c.dim * c.vocab_size
+
+
+def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * N_matmul + 6 * L * H * hd * T (causal attention)."""
+    attention = 6 * config.n_layers * config.n_heads * config.head_dim * seq_len
+    return float(6 * matmul_params(config) + attention)
+
+
+def measure_peak_flops(devices: Sequence[Any], dtype: str, size: int = 512) -> float:
+    """Best matmul FLOP/s per device with every device busy at once (for hosts with no data
+    sheet entry, e.g. CPUs, where emulated devices share the same cores)."""
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
+    x = jax.device_put(
+        jnp.ones((len(devices), size, size), dtype), NamedSharding(mesh, PartitionSpec("d"))
+    )
+    matmul = jax.jit(lambda a: jnp.einsum("bij,bjk->bik", a, a))
+    matmul(x).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        matmul(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops_per_device(
+    devices: Sequence[Any], dtype: str, override_tflops: float
+) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number comes from)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12, "config peak_tflops"
+    kind = devices[0].device_kind
+    for prefix, flops in PEAK_FLOPS.items():
+        if kind.startswith(prefix):
+            return flops, f"data sheet ({kind})"
+    return measure_peak_flops(devices, dtype), f"measured {dtype} matmul on {kind}"
+
+
+class MetricsLogger:
+    """Writes per-step metrics to `metrics.jsonl` and TensorBoard, and a progress bar.
+
+    `log` takes the metrics of consecutive steps fetched together, and the wall time they took;
+    throughput fields are attached to the last of them.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path | None,
+        *,
+        total_steps: int,
+        start_step: int,
+        flops_per_token: float,
+        peak_flops: float,
+        n_devices: int,
+        enabled: bool = True,
+    ):
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.n_devices = n_devices
+        self.enabled = enabled
+        self.jsonl = None
+        self.tb = None
+        if enabled and run_dir is not None:
+            from tensorboardX import SummaryWriter
+
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")  # noqa: SIM115
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not enabled, unit="step")
+
+    def log(self, first_step: int, records: list[dict[str, float]], seconds: float | None) -> dict:
+        """`records[i]` are the metrics of step `first_step + i` (1-based: updates done).
+        `seconds` is their wall time, None when it includes compilation."""
+        last = dict(records[-1])
+        if seconds is not None and seconds > 0:
+            tokens = sum(r["tokens"] for r in records)
+            tps = tokens / seconds
+            last["tokens_per_sec"] = tps
+            last["tokens_per_sec_per_device"] = tps / self.n_devices
+            last["mfu"] = tps * self.flops_per_token / (self.peak_flops * self.n_devices)
+            last["step_time"] = seconds / len(records)
+        records = [*records[:-1], last]
+        if self.enabled:
+            for i, record in enumerate(records):
+                self._write(first_step + i, record)
+            self.bar.update(len(records))
+            self.bar.set_postfix_str(_postfix(last), refresh=True)
+        return last
+
+    def _write(self, step: int, record: dict[str, float]) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
+            self.jsonl.flush()
+        if self.tb is not None:
+            for name, value in record.items():
+                self.tb.add_scalar(f"train/{name}", value, step)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _postfix(m: dict[str, float]) -> str:
+    parts = [f"loss {m['loss']:.4f}", f"gnorm {m['grad_norm']:.3f}", f"lr {m['lr']:.2e}"]
+    if "tokens_per_sec" in m:
+        parts += [f"{m['tokens_per_sec']:.0f} tok/s", f"MFU {100 * m['mfu']:.1f}%"]
+    return ", ".join(parts)
