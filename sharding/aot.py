@@ -1,0 +1,313 @@
+"""Compile a real train or decode step for a real TPU topology on this (CPU) machine.
+
+    python -m sharding.aot --preset llama3.1-8b --topology v5p:2x2x1 --batch 4 --seq 4096
+
+`libtpu` compiles for the topology's compile-only devices (`jax.experimental.topologies`): no TPU,
+nothing allocated. What comes back is what the TPU compiler planned: per-chip memory
+(arguments, temporaries, outputs not aliased to donated inputs) against the chip's HBM, the
+compiler's FLOPs and step-time estimate, and from them MFU and tokens/s/chip. This is the proof
+that a preset fits, and how much room it leaves, before anyone pays for a pod.
+
+A CLI module: it imports `train` (the real train step) lazily, which the `sharding` library
+itself never does.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # never grab a local accelerator: compile only
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llama_jax import model as llama_model
+from llama_jax.config import LlamaConfig, preset
+from llama_jax.kv_cache import KVCache
+from sharding import place
+from sharding.mesh import make_mesh
+from sharding.rules import DEFAULT_MESH, PRESET_NAMES, with_rules
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class Chip:
+    hbm_bytes: int
+    peak_bf16_flops: float
+
+
+# Per-chip HBM and dense bf16 peak, from the public Cloud TPU system-architecture docs
+# (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e).
+CHIPS = {
+    "v4": Chip(32 * GiB, 275e12),
+    "v5e": Chip(16 * GiB, 197e12),
+    "v5p": Chip(95 * GiB, 459e12),
+    "v6e": Chip(32 * GiB, 918e12),
+}
+
+
+@dataclass(frozen=True)
+class Report:
+    """One compiled step. Bytes and compiler FLOPs are per chip; `flops_per_step` is the model
+    FLOPs of the whole step (all chips, no rematerialisation), which MFU is measured in."""
+
+    preset: str
+    step: str
+    topology: str
+    chips: int
+    mesh: dict[str, int]
+    rules: str
+    batch: int
+    seq: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    per_chip_bytes: int
+    hbm_bytes: int
+    fits: bool
+    flops_per_step: float
+    compiler_flops_per_chip: float
+    est_step_seconds: float | None  # None: no compiler estimate (multi-slice)
+    est_mfu: float | None
+    tokens_per_sec_per_chip: float | None
+
+
+def topology_devices(topology: str, slices: int = 1) -> list[Any]:
+    """Compile-only devices of `topology` (e.g. "v5p:2x2x1") times `slices` (DCN)."""
+    from jax.experimental import topologies
+
+    kwargs = {"num_slices": slices} if slices > 1 else {}
+    return list(topologies.get_topology_desc(topology, platform="tpu", **kwargs).devices)
+
+
+def chip_of(topology: str) -> Chip:
+    generation = topology.split(":")[0]
+    if generation not in CHIPS:
+        raise SystemExit(f"unknown TPU generation {generation!r}; known: {', '.join(CHIPS)}")
+    return CHIPS[generation]
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+    )
+
+
+def compile_train(config: LlamaConfig, mesh: jax.sharding.Mesh, rules: str, batch: int, seq: int):
+    """The real `train.step` train step (AdamW, fp32 master weights), state donated."""
+    from train.optim import OptimConfig, make_optimizer
+    from train.step import BATCH_KEYS, abstract_train_state, build_train_step
+
+    optimizer = make_optimizer(OptimConfig())
+    state = abstract_train_state(config, optimizer)
+    state_sh = place.tree_shardings(state, config, mesh, rules)
+    dtypes = {k: jnp.float32 if k == "loss_mask" else jnp.int32 for k in BATCH_KEYS}
+    data = {k: jax.ShapeDtypeStruct((batch, seq), dt) for k, dt in dtypes.items()}
+    data_sh = place.batch_shardings(data, mesh, rules)
+    step = jax.jit(
+        with_rules(build_train_step(config, optimizer), mesh, rules),
+        in_shardings=(state_sh, data_sh),
+        out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
+    return step.lower(_abstract(state, state_sh), _abstract(data, data_sh)).compile()
+
+
+def compile_decode(config: LlamaConfig, mesh: jax.sharding.Mesh, rules: str, batch: int, seq: int):
+    """One decode token per sequence against a full `seq`-slot KV cache (donated), bf16 weights."""
+    params = llama_model.param_shapes(config)
+    params_sh = place.tree_shardings(params, config, mesh, rules)
+    cache = KVCache.abstract(config, batch, seq)
+    cache_sh = place.cache_shardings(cache, mesh, rules)
+    tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+    tokens_sh = place.batch_shardings({"tokens": tokens}, mesh, rules)["tokens"]
+    step = jax.jit(
+        with_rules(partial(_decode, config=config), mesh, rules),
+        in_shardings=(params_sh, tokens_sh, cache_sh),
+        out_shardings=(tokens_sh, cache_sh),
+        donate_argnums=2,
+    )
+    return step.lower(
+        _abstract(params, params_sh), _abstract(tokens, tokens_sh), _abstract(cache, cache_sh)
+    ).compile()
+
+
+def _decode(params, tokens, cache, *, config):
+    """Greedy next token: what a decode step returns to the host."""
+    logits, cache = llama_model.forward(params, tokens, cache=cache, config=config)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
+
+
+@contextlib.contextmanager
+def unrolled_scans() -> Iterator[None]:
+    """Trace with every `lax.scan` unrolled.
+
+    XLA's cost analysis counts a while loop's body once whatever its trip count, so the scanned
+    layer stack would look one layer deep. Costs are measured on unrolled 1- and 2-layer copies
+    of the model instead and extrapolated (`layer_costs`).
+    """
+    scan = jax.lax.scan
+    jax.lax.scan = partial(scan, unroll=True)
+    try:
+        yield
+    finally:
+        jax.lax.scan = scan
+
+
+def compiled_cost(compiled: Any) -> dict[str, float]:
+    """XLA cost analysis (per chip) of a compiled step."""
+    cost = compiled.cost_analysis()
+    return cost[0] if isinstance(cost, list) else cost
+
+
+def layer_costs(
+    compile_fn: Callable[..., Any], config: LlamaConfig, *args: Any
+) -> tuple[float, float | None]:
+    """(FLOPs per chip, estimated seconds) of the step for `config.n_layers` layers: the cost of
+    an unrolled 1-layer model plus (L - 1) times the cost of one more layer.
+
+    Seconds are None when the compiler has no estimate: across DCN (multi-slice) it reports
+    negative placeholders.
+    """
+    costs = []
+    for n in (1, 2):
+        with unrolled_scans():
+            cost = compiled_cost(compile_fn(config.replace(n_layers=n), *args))
+        costs.append((float(cost["flops"]), float(cost["optimal_seconds"])))
+    (f1, s1), (f2, s2) = costs
+    extra = config.n_layers - 1
+    seconds = s1 + extra * (s2 - s1) if min(s1, s2) > 0 else None
+    return f1 + extra * (f2 - f1), seconds
+
+
+def model_flops(config: LlamaConfig, step: str, batch: int, seq: int) -> tuple[float, int]:
+    """(model FLOPs of one step, tokens it processes). Training uses `train.metrics`' count;
+    a decode token costs 2 * N_matmul plus attention over the `seq` cached keys."""
+    from train.metrics import flops_per_token, matmul_params
+
+    if step == "train":
+        return flops_per_token(config, seq) * batch * seq, batch * seq
+    attention = 4 * config.n_layers * config.n_heads * config.head_dim * seq
+    return float(2 * matmul_params(config) + attention) * batch, batch
+
+
+def run(
+    preset_name: str,
+    topology: str,
+    *,
+    mesh_spec: str | None = None,
+    rules: str | None = None,
+    step: str = "train",
+    batch: int | None = None,
+    seq: int = 4096,
+    slices: int = 1,
+    overrides: dict[str, Any] | None = None,
+) -> Report:
+    rules = rules or ("fsdp" if step == "train" else "infer_tp")
+    overrides = dict(overrides or {})
+    if step == "decode":
+        overrides.setdefault("param_dtype", "bfloat16")
+    config = preset(preset_name, **overrides)
+    devices = topology_devices(topology, slices)
+    mesh = make_mesh(mesh_spec or DEFAULT_MESH[rules], devices)
+    batch = batch or len(devices)
+    compile_fn = compile_train if step == "train" else compile_decode
+    compiled = compile_fn(config, mesh, rules, batch, seq)
+    memory = compiled.memory_analysis()
+    compiler_flops, seconds = layer_costs(compile_fn, config, mesh, rules, batch, seq)
+    chip = chip_of(topology)
+    per_chip = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
+    flops, tokens = model_flops(config, step, batch, seq)
+    n = len(devices)
+    return Report(
+        preset=preset_name,
+        step=step,
+        topology=topology if slices == 1 else f"{slices}x {topology}",
+        chips=n,
+        mesh={a: s for a, s in mesh.shape.items() if s > 1} or {"data": 1},
+        rules=rules,
+        batch=batch,
+        seq=seq,
+        argument_bytes=memory.argument_size_in_bytes,
+        output_bytes=memory.output_size_in_bytes,
+        alias_bytes=memory.alias_size_in_bytes,
+        temp_bytes=memory.temp_size_in_bytes,
+        per_chip_bytes=per_chip,
+        hbm_bytes=chip.hbm_bytes,
+        fits=per_chip <= chip.hbm_bytes,
+        flops_per_step=flops,
+        compiler_flops_per_chip=compiler_flops,
+        est_step_seconds=seconds,
+        est_mfu=flops / (seconds * n * chip.peak_bf16_flops) if seconds else None,
+        tokens_per_sec_per_chip=tokens / seconds / n if seconds else None,
+    )
+
+
+def format_report(r: Report) -> str:
+    gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+    mesh = ",".join(f"{a}={s}" for a, s in r.mesh.items())
+    return "\n".join(
+        [
+            f"{r.preset} {r.step} step on {r.topology} ({r.chips} chips), mesh {mesh}, "
+            f"rules {r.rules}, batch {r.batch} x seq {r.seq}",
+            f"  per chip: arguments {gb(r.argument_bytes)} + temporaries {gb(r.temp_bytes)} "
+            f"+ unaliased outputs {gb(r.output_bytes - r.alias_bytes)} = {gb(r.per_chip_bytes)} "
+            f"of {gb(r.hbm_bytes)} HBM: {'fits' if r.fits else 'DOES NOT FIT'}",
+            f"  FLOPs/step: model {r.flops_per_step:.3e}, compiler {r.compiler_flops_per_chip:.3e} "
+            "per chip",
+            "  est. step: no compiler estimate across DCN"
+            if r.est_step_seconds is None
+            else f"  est. step {r.est_step_seconds * 1e3:.1f} ms: MFU {r.est_mfu:.1%}, "
+            f"{r.tokens_per_sec_per_chip:,.0f} tokens/s/chip",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m sharding.aot", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", required=True, help="model preset, e.g. llama3.1-8b")
+    p.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:2x2x1, v5e:4x4")
+    p.add_argument("--slices", type=int, default=1, help="number of such slices over DCN")
+    p.add_argument("--mesh", help="mesh spec (default: the rules preset's, e.g. fsdp=-1)")
+    p.add_argument("--rules", choices=PRESET_NAMES, help="fsdp for train, infer_tp for decode")
+    p.add_argument("--step", choices=("train", "decode"), default="train")
+    p.add_argument("--batch", type=int, help="global batch (default: one per chip)")
+    p.add_argument("--seq", type=int, default=4096, help="sequence / KV cache length")
+    p.add_argument("--remat", help="override the preset's remat policy")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    overrides = {"remat": args.remat} if args.remat else {}
+    report = run(
+        args.preset,
+        args.topology,
+        mesh_spec=args.mesh,
+        rules=args.rules,
+        step=args.step,
+        batch=args.batch,
+        seq=args.seq,
+        slices=args.slices,
+        overrides=overrides,
+    )
+    print(json.dumps(asdict(report)) if args.json else format_report(report))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Put parameters, training state, batches and KV caches on a mesh by the rule table.
+
+Parameters carry their logical names (`llama_jax.model.logical_axes`). Anything that mirrors
+them (a `TrainState`, optax moments, gradient accumulators) is matched by key path: a leaf whose
+path ends with a parameter's path and has that parameter's shape is sharded like it; the rest
+(step counters, RNG keys, scalars) is replicated. Nothing here needs to know the optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llama_jax import model as llama_model
+from llama_jax.config import LlamaConfig
+from llama_jax.kv_cache import CACHE_AXES, KVCache
+from sharding.rules import BATCH_AXES, Mesh, Rules, logical_to_sharding, param_specs, path_str
+
+
+def tree_shardings(tree: Any, config: LlamaConfig, mesh: Mesh, rules: str | Rules) -> Any:
+    """`NamedSharding` for every leaf of `tree` (arrays or `ShapeDtypeStruct`s): parameter-like
+    leaves like their parameter, everything else replicated."""
+    by_path = {
+        tuple(path_str(p).split("/")): (shape.shape, spec)
+        for (p, spec), shape in zip(
+            jax.tree.leaves_with_path(
+                param_specs(config, dict(mesh.shape), rules),
+                is_leaf=lambda x: isinstance(x, PartitionSpec),
+            ),
+            jax.tree.leaves(llama_model.param_shapes(config)),
+            strict=True,
+        )
+    }
+    longest = max(len(k) for k in by_path)
+
+    def one(path: Any, leaf: Any) -> NamedSharding:
+        keys = tuple(path_str(path).split("/"))
+        for n in range(min(longest, len(keys)), 0, -1):
+            hit = by_path.get(keys[-n:])
+            if hit is not None and tuple(hit[0]) == tuple(leaf.shape):
+                return NamedSharding(mesh, hit[1])
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map_with_path(one, tree)
+
+
+def place(tree: Any, config: LlamaConfig, mesh: Mesh, rules: str | Rules) -> Any:
+    """`tree` (params, a train state, ...) moved onto `mesh`, every process holding the same
+    values."""
+    return jax.device_put(tree, tree_shardings(tree, config, mesh, rules))
+
+
+def init_params(config: LlamaConfig, seed: int, mesh: Mesh, rules: str | Rules) -> Any:
+    """Random parameters created already sharded: no device or host ever holds the whole model."""
+    shardings = tree_shardings(llama_model.param_shapes(config), config, mesh, rules)
+    make = jax.jit(partial(llama_model.init_params, config, seed), out_shardings=shardings)
+    return make()
+
+
+def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, rules: str | Rules) -> dict[str, Any]:
+    """Shardings for a batch dict of [batch, length] (or [batch]) arrays."""
+    return {
+        k: logical_to_sharding(BATCH_AXES[: v.ndim], mesh, rules, v.shape, f"batch[{k!r}]")
+        for k, v in batch.items()
+    }
+
+
+def place_batch(batch: Mapping[str, Any], mesh: Mesh, rules: str | Rules) -> dict[str, Any]:
+    """A global batch (the same full arrays on every process) placed on `mesh`. Multi-host jobs
+    where each process loads only its rows use `sharding.distributed.global_batch`."""
+    return jax.device_put(dict(batch), batch_shardings(batch, mesh, rules))
+
+
+def cache_shardings(cache: KVCache, mesh: Mesh, rules: str | Rules) -> KVCache:
+    """Shardings for a `KVCache` (or its `KVCache.abstract`)."""
+    kv = logical_to_sharding(CACHE_AXES, mesh, rules, cache.k.shape, "KV cache")
+    lengths = logical_to_sharding(CACHE_AXES[1:2], mesh, rules, cache.lengths.shape, "KV lengths")
+    return KVCache(kv, kv, lengths)
+
+
+def place_cache(cache: KVCache, mesh: Mesh, rules: str | Rules) -> KVCache:
+    return jax.device_put(cache, cache_shardings(cache, mesh, rules))
