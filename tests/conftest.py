@@ -8,9 +8,9 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 

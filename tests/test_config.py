@@ -136,7 +136,7 @@ def test_bad_meta_params_name_the_problem(bad, message, tmp_path):
 
 
 def test_unknown_preset_lists_known():
-    with pytest.raises(ConfigError, match="llama3.1-8b"):
+    with pytest.raises(ConfigError, match=r"llama3\.1-8b"):
         lj.preset("llama9")
 
 

@@ -1,0 +1,166 @@
+"""Turn raw timings into the report: medians, ratios, utilisation against the machine's limits,
+the cross-check that both sides computed the same thing, targets, and a markdown table."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import numpy as np
+
+from benchmarks.workload import (
+    TARGETS,
+    Row,
+    decode_step_bytes,
+    prefill_flops,
+    train_flops,
+)
+from llama_jax.config import LlamaConfig
+
+SIDES = ("ours", "reference")
+
+
+def _median(runs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+def _side_figures(row: Row, config: LlamaConfig, limits: dict, m: dict[str, Any]) -> dict:
+    """One side's steady-state figures, cold-start cost and memory."""
+    seconds = _median(m["runs"], "seconds")
+    out: dict[str, Any] = {
+        "tokens_per_s": row.tokens / seconds,
+        "seconds": seconds,
+        "seconds_all_runs": [round(r["seconds"], 5) for r in m["runs"]],
+        "cpu_s": _median(m["runs"], "cpu_s"),  # process CPU time (all threads) per run
+        "cold_s": m["warmup"]["cold"]["seconds"],
+        # what the first call costs beyond a steady one: compilation for us
+        "first_call_overhead_s": m["warmup"]["cold"]["seconds"] - seconds,
+        "setup_s": m["warmup"]["setup_s"],
+        "peak_rss_mb": m["peak_rss_mb"],
+        "steady_peak_rss_mb": m["steady_peak_rss_mb"],
+    }
+    if row.kind == "decode":
+        step = _median(m["runs"], "step_s")
+        floor = decode_step_bytes(config, row) / (limits["read_gbs"] * 1e9)
+        out |= {
+            "step_ms": 1e3 * step,
+            "first_token_ms": 1e3 * _median(m["runs"], "first_token_s"),
+            "cold_first_token_s": m["warmup"]["cold"]["first_token_s"],
+            "bandwidth_util": floor / step,
+        }
+    else:
+        flops = (prefill_flops if row.kind == "prefill" else train_flops)(config, row)
+        out["mfu"] = flops / seconds / (limits["matmul_gflops"] * 1e9)
+    return out
+
+
+def _agreement(row: Row, ours: dict, ref: dict) -> dict[str, Any]:
+    """Evidence that both sides ran the same model on the same inputs."""
+    if row.kind == "decode":
+        a, b = np.asarray(ours["tokens"]), np.asarray(ref["tokens"])
+        same = np.cumprod(a == b, axis=1).sum(axis=1)  # common prefix length per sequence
+        return {
+            "first_tokens_equal": bool((a[:, 0] == b[:, 0]).all()),
+            "mean_common_prefix": float(same.mean()),
+            "of_tokens": row.new_tokens,
+        }
+    if row.kind == "prefill":
+        a, b = np.load(ours["logits_file"]), np.load(ref["logits_file"])
+        return {
+            "max_abs_logit_diff": float(np.abs(a - b).max()),
+            "argmax_equal": bool((a.argmax(-1) == b.argmax(-1)).all()),
+        }
+    return {
+        "first_loss_ours": ours["first_loss"],
+        "first_loss_reference": ref["first_loss"],
+        "abs_diff": abs(ours["first_loss"] - ref["first_loss"]),
+    }
+
+
+def _targets(name: str, row_report: dict[str, Any]) -> dict[str, Any]:
+    values = {
+        "ratio": row_report["ratio"],
+        "bandwidth_util": row_report["ours_detail"].get("bandwidth_util"),
+        "mfu": row_report["ours_detail"].get("mfu"),
+    }
+    out = {
+        key: {"target": goal, "value": values[key], "met": values[key] >= goal}
+        for key, goal in TARGETS.get(name, {}).items()
+    }
+    ours_mem, ref_mem = (row_report[f"{s}_detail"]["peak_rss_mb"] for s in SIDES)
+    if ours_mem is not None and ref_mem is not None:
+        out["peak_memory"] = {"target": ref_mem, "value": ours_mem, "met": ours_mem <= ref_mem}
+    return out
+
+
+def row_report(row: Row, config: LlamaConfig, limits: dict, measured: dict) -> dict[str, Any]:
+    """One row of the JSON report; `measured[side]` holds warmup, runs, check and memory."""
+    detail = {s: _side_figures(row, config, limits, measured[s]) for s in SIDES}
+    ours, ref = detail["ours"]["tokens_per_s"], detail["reference"]["tokens_per_s"]
+    out = {
+        "name": row.name,
+        "unit": "tokens/s",
+        "ours": ours,
+        "reference": ref,
+        "ratio": ours / ref,
+        "shape": {"batch": row.batch, "length": row.length, "new_tokens": row.new_tokens},
+        "ours_detail": detail["ours"],
+        "reference_detail": detail["reference"],
+        "agreement": _agreement(row, measured["ours"]["check"], measured["reference"]["check"]),
+    }
+    out["targets"] = _targets(row.name, out)
+    return out
+
+
+# --- the table ------------------------------------------------------------------------------
+
+
+def _util(detail: dict[str, Any]) -> str:
+    if "bandwidth_util" in detail:
+        return f"{detail['bandwidth_util']:.0%} BW"
+    return f"{detail['mfu']:.0%} MFU"
+
+
+def _mem(detail: dict[str, Any]) -> str:
+    return "n/a" if detail["peak_rss_mb"] is None else f"{detail['peak_rss_mb']:,.0f}"
+
+
+def _cold(row: dict[str, Any], side: str) -> str:
+    d = row[f"{side}_detail"]
+    cold = d.get("cold_first_token_s", d["cold_s"])
+    return f"{cold:.2f}"
+
+
+def _met(row: dict[str, Any]) -> str:
+    marks = [f"{k} {'ok' if t['met'] else 'MISSED'}" for k, t in row["targets"].items()]
+    return ", ".join(marks)
+
+
+def table(report: dict[str, Any]) -> str:
+    """Markdown table of a report (what the README shows)."""
+    lines = [
+        "| row | ours tok/s | transformers tok/s | ratio | utilisation ours / ref "
+        "| cold s ours / ref | peak RSS MB ours / ref | targets |",
+        "|---|---:|---:|---:|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        o, f = r["ours_detail"], r["reference_detail"]
+        lines.append(
+            f"| {r['name']} | {r['ours']:,.1f} | {r['reference']:,.1f} | {r['ratio']:.2f}x "
+            f"| {_util(o)} / {_util(f)} | {_cold(r, 'ours')} / {_cold(r, 'reference')} "
+            f"| {_mem(o)} / {_mem(f)} | {_met(r)} |"
+        )
+    lim = report["limits"]
+    lines.append("")
+    lines.append(
+        f"Limits measured in the same run: float32 matmul peak {lim['matmul_gflops']:.0f} GFLOP/s, "
+        f"memory read bandwidth {lim['read_gbs']:.1f} GB/s ({lim['cores']} cores)."
+    )
+    decode = [r for r in report["rows"] if "step_ms" in r["ours_detail"]]
+    for r in decode:
+        o, f = r["ours_detail"], r["reference_detail"]
+        lines.append(
+            f"{r['name']}: step {o['step_ms']:.1f} ms vs {f['step_ms']:.1f} ms; first token "
+            f"{o['first_token_ms']:.0f} ms vs {f['first_token_ms']:.0f} ms."
+        )
+    return "\n".join(lines)

@@ -1,0 +1,209 @@
+"""`python -m benchmarks.run [--only decode,prefill,train] [--out results.json]`
+
+Ours (JAX) against `transformers` (PyTorch CPU) on identical weights, in one run: for each row
+both sides are built in processes of their own, warmed up, then timed alternately (ours,
+reference, reference, ours, ...) so machine noise hits both alike; medians are reported. The
+machine's matmul peak and read bandwidth are measured first, in a third process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.report import row_report, table
+from benchmarks.worker import Spec, build
+from benchmarks.workload import BENCH_PRESET, ROWS, WEIGHT_SEED, Row
+
+# XLA CPU settings for our side; recorded in the report. (Set before JAX starts, so per process.)
+OURS_XLA_FLAGS = ""
+
+
+class WorkerError(RuntimeError):
+    """A worker failed; the message carries its traceback."""
+
+
+class ProcessWorker:
+    """A worker in a child process (the normal mode: per-side threads and memory)."""
+
+    def __init__(self, spec: Spec):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+        if spec.side == "ours" and OURS_XLA_FLAGS:
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {OURS_XLA_FLAGS}".strip()
+        self.side = spec.side
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.worker", json.dumps(dataclasses.asdict(spec))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+    def _read(self) -> Any:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise WorkerError(f"{self.side} worker exited (code {self.proc.wait()})")
+        reply = json.loads(line)
+        if not reply["ok"]:
+            raise WorkerError(f"{self.side} worker failed:\n{reply['error']}")
+        return reply["result"]
+
+    def ready(self) -> Any:
+        return self._read()
+
+    def call(self, cmd: str, *args: Any) -> Any:
+        self.proc.stdin.write(json.dumps({"cmd": cmd, "args": args}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+class LocalWorker:
+    """The same commands served in this process (smoke tests: fast, but memory is shared)."""
+
+    def __init__(self, spec: Spec):
+        self.spec, self.session = spec, None
+
+    def ready(self) -> Any:
+        self.session, first = build(self.spec)
+        return first
+
+    def call(self, cmd: str, *args: Any) -> Any:
+        return json.loads(json.dumps(getattr(self.session, cmd)(*args)))
+
+    def close(self) -> None:
+        self.session = None
+
+
+def select_rows(only: str | None) -> list[Row]:
+    """Rows whose kind or name is in the comma-separated `only` (all rows when None)."""
+    if not only:
+        return list(ROWS)
+    wanted = {w.strip() for w in only.split(",") if w.strip()}
+    rows = [r for r in ROWS if r.kind in wanted or r.name in wanted]
+    unknown = wanted - {r.kind for r in ROWS} - {r.name for r in ROWS}
+    if unknown or not rows:
+        names = sorted({r.kind for r in ROWS} | {r.name for r in ROWS})
+        raise SystemExit(f"--only: unknown {sorted(unknown)}; choose from {names}")
+    return rows
+
+
+def export_weights(preset_name: str, seed: int, dst: Path) -> Path:
+    """Our benchmark weights written as an HF checkpoint, for the reference to load."""
+    from benchmarks.ours import random_params
+    from llama_jax.api import Model
+    from llama_jax.checkpoint.export import export
+    from llama_jax.config import preset
+
+    config = preset(preset_name)
+    return export(Model(config, random_params(config, seed)), dst, "hf")
+
+
+def measure_row(row: Row, spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
+    """Warm both sides up, then time them alternately; returns raw results per side."""
+    worker_cls = LocalWorker if args.in_process else ProcessWorker
+    workers = {
+        side: worker_cls(dataclasses.replace(spec, side=side, row=row.name))
+        for side in ("ours", "reference")
+    }
+    try:
+        for w in workers.values():
+            w.ready()
+        out = {side: {"warmup": w.call("warmup", args.warmup), "runs": []}
+               for side, w in workers.items()}  # fmt: skip
+        for i in range(args.iters or row.iters):
+            order = ("ours", "reference") if i % 2 == 0 else ("reference", "ours")
+            for side in order:
+                out[side]["runs"].append(workers[side].call("run"))
+        for side, w in workers.items():
+            out[side] |= w.call("finish")
+        return out
+    finally:
+        for w in workers.values():
+            w.close()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("jax", "jaxlib", "flax", "optax", "torch", "transformers")}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from llama_jax.config import preset
+
+    config = preset(args.preset)
+    rows = select_rows(args.only)
+    started, load_before = time.time(), os.getloadavg()
+    limit_kwargs = {"sizes": (256,), "nbytes": 1 << 24, "repeats": 2} if args.quick_limits else {}
+    limits_spec = Spec(side="limits", limits=limit_kwargs)
+    limits_worker = (LocalWorker if args.in_process else ProcessWorker)(limits_spec)
+    limits = limits_worker.ready()
+    limits_worker.close()
+    with tempfile.TemporaryDirectory(prefix="llama-jax-bench-") as tmp:
+        hf_dir = export_weights(args.preset, WEIGHT_SEED, Path(tmp) / "hf")
+        spec = Spec(
+            side="",
+            hf_dir=str(hf_dir),
+            out_dir=tmp,
+            decode_path=args.decode_path,
+            steps_per_call=args.steps_per_call,
+        )
+        measured = [(row, measure_row(row, spec, args)) for row in rows]
+        report_rows = [row_report(row, config, limits, m) for row, m in measured]
+    return {
+        "limits": limits,
+        "rows": report_rows,
+        "meta": {
+            "preset": args.preset,
+            "param_count": config.param_count(),
+            "decode_path": args.decode_path,
+            "steps_per_call": args.steps_per_call,
+            "ours_xla_flags": OURS_XLA_FLAGS,
+            "warmup": args.warmup,
+            "in_process": args.in_process,
+            "versions": _versions(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+            "wall_s": round(time.time() - started, 1),
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+        },
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[2])
+    p.add_argument("--only", help="comma-separated row kinds or names (decode,prefill,train)")
+    p.add_argument("--out", type=Path, help="write the JSON report here")
+    p.add_argument("--preset", default=BENCH_PRESET, help="model preset (default %(default)s)")
+    p.add_argument("--iters", type=int, default=0, help="timed runs per side (default: per row)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs after the cold one")
+    p.add_argument("--decode-path", choices=("engine", "loop"), default="engine")
+    p.add_argument("--steps-per-call", type=int, default=16, help="decode steps per jit call")
+    p.add_argument("--in-process", action="store_true", help="no worker processes (tests)")
+    p.add_argument("--quick-limits", action="store_true", help="tiny limit probes (tests)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    report = run(args)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Smoke test of the benchmark harness on the tiny preset: one iteration per row, in-process.
+
+It checks the report's shape and arithmetic, never a timing.
+"""
+
+import json
+
+import pytest
+
+from benchmarks import run
+from benchmarks.workload import ROWS
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    run.main(
+        [
+            "--preset", "tiny", "--iters", "1", "--warmup", "0", "--in-process",
+            "--quick-limits", "--decode-path", "loop", "--steps-per-call", "4",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    return json.loads(out.read_text())
+
+
+def test_report_shape(report):
+    assert report["limits"]["matmul_gflops"] > 0 and report["limits"]["read_gbs"] > 0
+    assert [r["name"] for r in report["rows"]] == [r.name for r in ROWS]
+    for row in report["rows"]:
+        assert row["unit"] == "tokens/s"
+        assert row["ours"] > 0 and row["reference"] > 0
+        assert row["ratio"] == pytest.approx(row["ours"] / row["reference"])
+        assert row["targets"]
+
+
+def test_utilisation_and_agreement(report):
+    rows = {r["name"]: r for r in report["rows"]}
+    for name in ("decode_b1", "decode_b8"):
+        assert rows[name]["ours_detail"]["bandwidth_util"] > 0
+        assert rows[name]["agreement"]["first_tokens_equal"]
+    assert rows["prefill_512"]["agreement"]["argmax_equal"]
+    assert rows["prefill_512"]["agreement"]["max_abs_logit_diff"] < 1e-3
+    assert rows["train_b4x256"]["ours_detail"]["mfu"] > 0
+    assert rows["train_b4x256"]["agreement"]["abs_diff"] < 1e-3
+
+
+def test_only_selects_rows():
+    assert [r.name for r in run.select_rows("decode,train_b4x256")] == [
+        "decode_b1",
+        "decode_b8",
+        "train_b4x256",
+    ]
+    with pytest.raises(SystemExit):
+        run.select_rows("nonsense")
