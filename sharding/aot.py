@@ -17,6 +17,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # never grab a local accelerator: compile only
+# Compiling needs no TPU ownership, so don't take libtpu's one-process lockfile: two AOT runs
+# (or a test beside a user's run) would otherwise abort each other.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import argparse
 import contextlib
@@ -79,6 +82,7 @@ class Report:
     fits: bool
     flops_per_step: float
     compiler_flops_per_chip: float
+    cost_complete: bool  # False: the compiler counted fewer FLOPs than the model needs
     est_step_seconds: float | None  # None: no compiler estimate (multi-slice)
     est_mfu: float | None
     tokens_per_sec_per_chip: float | None
@@ -254,6 +258,7 @@ def run(
         fits=per_chip <= chip.hbm_bytes,
         flops_per_step=flops,
         compiler_flops_per_chip=compiler_flops,
+        cost_complete=compiler_flops * n >= flops,
         est_step_seconds=seconds,
         est_mfu=flops / (seconds * n * chip.peak_bf16_flops) if seconds else None,
         tokens_per_sec_per_chip=tokens / seconds / n if seconds else None,
@@ -271,7 +276,13 @@ def format_report(r: Report) -> str:
             f"+ unaliased outputs {gb(r.output_bytes - r.alias_bytes)} = {gb(r.per_chip_bytes)} "
             f"of {gb(r.hbm_bytes)} HBM: {'fits' if r.fits else 'DOES NOT FIT'}",
             f"  FLOPs/step: model {r.flops_per_step:.3e}, compiler {r.compiler_flops_per_chip:.3e} "
-            "per chip",
+            "per chip"
+            + (
+                ""
+                if r.cost_complete
+                else " (fewer than the model needs: some work goes uncounted, e.g. loops XLA "
+                "generates count once, so the step-time estimate is a lower bound)"
+            ),
             "  est. step: no compiler estimate across DCN"
             if r.est_step_seconds is None
             else f"  est. step {r.est_step_seconds * 1e3:.1f} ms: MFU {r.est_mfu:.1%}, "
