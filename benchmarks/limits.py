@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-MATMUL_SIZES = (1024, 2048)
+MATMUL_SIZES = (1024, 2048, 3072)
 BANDWIDTH_BYTES = 1 << 30
 
 

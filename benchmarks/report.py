@@ -24,6 +24,11 @@ def _median(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(run[key] for run in runs)
 
 
+def _max_known(values) -> float | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
 def _side_figures(row: Row, config: LlamaConfig, limits: dict, m: dict[str, Any]) -> dict:
     """One side's steady-state figures, cold-start cost and memory."""
     seconds = _median(m["runs"], "seconds")
@@ -32,6 +37,7 @@ def _side_figures(row: Row, config: LlamaConfig, limits: dict, m: dict[str, Any]
         "seconds": seconds,
         "seconds_all_runs": [round(r["seconds"], 5) for r in m["runs"]],
         "cpu_s": _median(m["runs"], "cpu_s"),  # process CPU time (all threads) per run
+        "foreign_max": _max_known(r["foreign"] for r in m["runs"]),  # others' share meanwhile
         "cold_s": m["warmup"]["cold"]["seconds"],
         # what the first call costs beyond a steady one: compilation for us
         "first_call_overhead_s": m["warmup"]["cold"]["seconds"] - seconds,
@@ -107,6 +113,7 @@ def row_report(row: Row, config: LlamaConfig, limits: dict, measured: dict) -> d
         "ours_detail": detail["ours"],
         "reference_detail": detail["reference"],
         "agreement": _agreement(row, measured["ours"]["check"], measured["reference"]["check"]),
+        "retried_pairs": measured["retried_pairs"],
     }
     out["targets"] = _targets(row.name, out)
     return out

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 import traceback
@@ -20,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.workload import ROWS_BY_NAME
+from benchmarks.contention import Meter
+from benchmarks.workload import resolve_row
 
 MIB = 1 << 20
 
@@ -35,6 +35,7 @@ class Spec:
     out_dir: str = ""  # where large check data (logits) is written
     decode_path: str = "engine"
     steps_per_call: int = 16
+    new_tokens: int = 0  # shortens the decode rows when > 0 (smoke tests)
     limits: dict[str, Any] = field(default_factory=dict)  # keyword arguments of limits.measure
 
 
@@ -62,7 +63,7 @@ class Session:
 
     def __init__(self, spec: Spec):
         self.spec = spec
-        self.row = ROWS_BY_NAME[spec.row]
+        self.row = resolve_row(spec.row, spec.new_tokens)
         start = time.perf_counter()
         if spec.side == "ours":
             from benchmarks.ours import make_runner
@@ -88,14 +89,12 @@ class Session:
             self.peak_before_reset_kib = None
         return {"cold": cold, "setup_s": self.setup_s}
 
-    def run(self) -> dict[str, float]:
-        """One timed iteration, plus the process's CPU time over it (all threads: shows how
-        well the cores were used, and stays meaningful when the machine is busy)."""
-        before = resource.getrusage(resource.RUSAGE_SELF)
-        out = self.runner.run()
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-        return {**out, "cpu_s": cpu}
+    def run(self) -> dict[str, float | None]:
+        """One timed iteration, with this process's CPU time over it (all threads) and the
+        share of the machine other processes used meanwhile (see `contention`)."""
+        with Meter() as m:
+            out = self.runner.run()
+        return {**out, "cpu_s": m.cpu_s, "foreign": m.foreign}
 
     def finish(self) -> dict[str, Any]:
         check = self.runner.check()

@@ -8,6 +8,7 @@ implementation happens to do.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -52,6 +53,15 @@ ROWS: tuple[Row, ...] = (
     Row("train_b4x256", "train", batch=4, length=256),
 )
 ROWS_BY_NAME = {row.name: row for row in ROWS}
+
+
+def resolve_row(name: str, new_tokens: int = 0) -> Row:
+    """The named row; `new_tokens` > 0 shortens a decode row (for quick smoke runs)."""
+    row = ROWS_BY_NAME[name]
+    if new_tokens and row.kind == "decode":
+        row = dataclasses.replace(row, new_tokens=new_tokens)
+    return row
+
 
 # Targets from the issue: minimum ours/reference ratio, and a floor on utilisation where given.
 TARGETS: dict[str, dict[str, float]] = {

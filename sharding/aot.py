@@ -93,7 +93,13 @@ def topology_devices(topology: str, slices: int = 1) -> list[Any]:
     from jax.experimental import topologies
 
     kwargs = {"num_slices": slices} if slices > 1 else {}
-    return list(topologies.get_topology_desc(topology, platform="tpu", **kwargs).devices)
+    try:
+        return list(topologies.get_topology_desc(topology, platform="tpu", **kwargs).devices)
+    except RuntimeError as e:  # no libtpu, or a name libtpu does not know
+        raise SystemExit(
+            f"cannot build TPU topology {topology!r}: {e}\n(needs libtpu: pip install "
+            "'llama-jax[tpu]'; names look like v5p:2x2x1, v5e:4x4, v4:2x2x2, v6e:2x2)"
+        ) from None
 
 
 def chip_of(topology: str) -> Chip:
@@ -224,6 +230,7 @@ def run(
     if step == "decode":
         overrides.setdefault("param_dtype", "bfloat16")
     config = preset(preset_name, **overrides)
+    chip = chip_of(topology)
     devices = topology_devices(topology, slices)
     mesh = make_mesh(mesh_spec or DEFAULT_MESH[rules], devices)
     batch = batch or len(devices)
@@ -231,7 +238,6 @@ def run(
     compiled = compile_fn(config, mesh, rules, batch, seq)
     memory = compiled.memory_analysis()
     compiler_flops, seconds = layer_costs(compile_fn, config, mesh, rules, batch, seq)
-    chip = chip_of(topology)
     per_chip = (
         memory.argument_size_in_bytes
         + memory.output_size_in_bytes

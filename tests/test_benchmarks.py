@@ -18,6 +18,7 @@ def report(tmp_path_factory):
         [
             "--preset", "tiny", "--iters", "1", "--warmup", "0", "--in-process",
             "--quick-limits", "--decode-path", "loop", "--steps-per-call", "4",
+            "--max-foreign", "1", "--new-tokens", "8",
             "--out", str(out),
         ]
     )  # fmt: skip
@@ -38,6 +39,7 @@ def test_utilisation_and_agreement(report):
     rows = {r["name"]: r for r in report["rows"]}
     for name in ("decode_b1", "decode_b8"):
         assert rows[name]["ours_detail"]["bandwidth_util"] > 0
+        assert rows[name]["shape"]["new_tokens"] == 8
         assert rows[name]["agreement"]["first_tokens_equal"]
     assert rows["prefill_512"]["agreement"]["argmax_equal"]
     assert rows["prefill_512"]["agreement"]["max_abs_logit_diff"] < 1e-3
