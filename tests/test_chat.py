@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
+from llama3_assets import ASSETS, meta_tokenizer_path
 
 from llama_jax.chat import encode_dialog, encode_dialog_with_mask, parse_assistant
 from llama_jax.tokenizer import Tokenizer
 
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared/assets/llama3"
-
-
-def _model_path() -> Path | None:
-    """Meta's tokenizer.model from the shared assets, else the copy inside `llama_models`."""
-    if (ASSETS / "tokenizer.model").is_file():
-        return ASSETS / "tokenizer.model"
-    spec = importlib.util.find_spec("llama_models")
-    if spec and spec.origin:
-        shipped = Path(spec.origin).parent / "llama3/tokenizer.model"
-        if shipped.is_file():
-            return shipped
-    return None
-
-
-MODEL = _model_path()
+MODEL = meta_tokenizer_path()
 pytestmark = pytest.mark.skipif(
     MODEL is None, reason="Meta's tokenizer.model not in ../shared/assets/llama3 nor llama_models"
 )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import resource
@@ -10,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from llama3_assets import ASSETS, meta_tokenizer_path
 
 from llama_jax.tokenizer import (
     SPECIAL_TOKEN_NAMES,
@@ -18,22 +18,7 @@ from llama_jax.tokenizer import (
     find_tokenizer,
 )
 
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared/assets/llama3"
-
-
-def _model_path() -> Path | None:
-    """Meta's tokenizer.model from the shared assets, else the copy inside `llama_models`."""
-    if (ASSETS / "tokenizer.model").is_file():
-        return ASSETS / "tokenizer.model"
-    spec = importlib.util.find_spec("llama_models")
-    if spec and spec.origin:
-        shipped = Path(spec.origin).parent / "llama3/tokenizer.model"
-        if shipped.is_file():
-            return shipped
-    return None
-
-
-MODEL = _model_path()
+MODEL = meta_tokenizer_path()
 pytestmark = pytest.mark.skipif(
     MODEL is None, reason="Meta's tokenizer.model not in ../shared/assets/llama3 nor llama_models"
 )
