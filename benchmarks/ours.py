@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.workload import Row, prompt_tokens, train_batch
+from infer.sampling import first_argmax
 from llama_jax.api import Model
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import KVCache
@@ -85,7 +86,7 @@ class EngineDecode:
 
 def _prefill_step(params, cache, tokens, *, config):
     logits, cache = forward(params, tokens, cache=cache, config=config, last_only=True)
-    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+    return first_argmax(logits[:, -1]), cache
 
 
 def _decode_steps(params, cache, token, n, *, config, chunk):
@@ -94,7 +95,7 @@ def _decode_steps(params, cache, token, n, *, config, chunk):
     def step(i, carry):
         cache, token, out = carry
         logits, cache = forward(params, token[:, None], cache=cache, config=config)
-        token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        token = first_argmax(logits[:, 0])
         return cache, token, out.at[i].set(token)
 
     out = jnp.zeros((chunk, token.shape[0]), jnp.int32)

@@ -16,6 +16,7 @@ from typing import Any
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_KERNELS = ("auto", "xla", "splash")
 
 
 class ConfigError(ValueError):
@@ -38,7 +39,9 @@ class LlamaConfig:
 
     `param_dtype` is what the weights are stored in (fp32 master weights in training);
     `compute_dtype` is what matmuls run in. `remat` picks the activation checkpointing policy of
-    the scanned layer stack.
+    the scanned layer stack. `attention` picks the kernel of uncached attention: "xla" (plain
+    einsums, any backend), "splash" (the Pallas TPU kernel: no [time, time] scores in memory),
+    "auto" (splash when the devices are TPUs and the shapes suit it, else xla).
     """
 
     dim: int
@@ -56,6 +59,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -73,6 +77,10 @@ class LlamaConfig:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ConfigError(
+                f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}"
+            )
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")

@@ -9,7 +9,7 @@ compile time does not grow with depth. Outside code works with plain nested dict
 from __future__ import annotations
 
 import math
-from functools import cache
+from functools import cache, partial
 from operator import itemgetter
 from typing import Any, NamedTuple
 
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_jax import splash
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import KVCache
 from llama_jax.partitioning import constrain
@@ -52,6 +53,32 @@ def _ones(shape: tuple[int, ...], axes: tuple[str, ...], dtype: str) -> nnx.Para
     return nnx.Param(jnp.ones(shape, jnp.dtype(dtype)), logical_axes=axes)
 
 
+def cast_for_compute(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """`w.astype(dtype)`; float32 -> bfloat16 goes through `_bf16_rounded`."""
+    if w.dtype == jnp.float32 and dtype == jnp.bfloat16:
+        return _bf16_rounded(w)
+    return w.astype(dtype)
+
+
+@jax.custom_vjp
+def _bf16_rounded(w: jax.Array) -> jax.Array:
+    """float32 -> bfloat16 as integer rounding on the bits (gradient: back to float32).
+
+    Why: XLA's TPU compiler moves a plain `convert` of a layer's weights out of the layer loop,
+    converting every layer at once; that copy then lives through the forward and backward
+    passes (3.3 GiB per chip for Llama 3.1-8B on 4 chips, more than any activation). Integer
+    ops on the bits are not moved, so one layer is converted at a time. The result is the same
+    round-to-nearest-even as `astype`; NaNs stay NaN.
+    """
+    bits = jax.lax.bitcast_convert_type(w, jnp.uint32)
+    bits = bits + jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))  # round to nearest even
+    rounded = jax.lax.bitcast_convert_type((bits >> 16).astype(jnp.uint16), jnp.bfloat16)
+    return jnp.where(jnp.isnan(w), jnp.bfloat16(jnp.nan), rounded)
+
+
+_bf16_rounded.defvjp(lambda w: (_bf16_rounded(w), None), lambda _, g: (g.astype(jnp.float32),))
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """RMSNorm computed in float32 and cast back, as Meta and HF do."""
     x32 = x.astype(jnp.float32)
@@ -83,6 +110,21 @@ class LayerCache(NamedTuple):
     slots: jax.Array  # [batch, time]
 
 
+class Documents(NamedTuple):
+    """Uncached attention through the splash kernel: causal within each packed document
+    (`segment_ids` None: one document per row). Stands in for the explicit mask."""
+
+    segment_ids: jax.Array | None
+
+
+def attention_kernel(c: LlamaConfig, time: int) -> str:
+    """The kernel uncached attention uses: `c.attention`, with "auto" resolved for the shapes
+    and the devices the traced code will run on."""
+    if c.attention != "auto":
+        return c.attention
+    return "splash" if splash.suits(time, c.head_dim) and splash.on_tpu() else "xla"
+
+
 class Attention(nnx.Module):
     """Grouped-query attention; weights stacked over layers (`wq` is [layers, dim, heads, hd])."""
 
@@ -99,11 +141,12 @@ class Attention(nnx.Module):
         c: LlamaConfig,
         x: jax.Array,
         rope: tuple[jax.Array, jax.Array],
-        mask: jax.Array,
+        mask: jax.Array | Documents,
         cache: LayerCache | None,
     ) -> tuple[jax.Array, LayerCache | None]:
         """`mask` [batch, time, keys] is True where a query may attend; keys are this call's
-        tokens, or with a cache the cache's slots after this call's tokens are written."""
+        tokens, or with a cache the cache's slots after this call's tokens are written.
+        `Documents` instead: no cache, the splash kernel."""
         dt = x.dtype
         q = dense(x, self.wq[...].astype(dt))
         k = dense(x, self.wk[...].astype(dt))
@@ -116,6 +159,15 @@ class Attention(nnx.Module):
                 v=cache.v.at[cache.rows, cache.slots].set(v.astype(cache.v.dtype)),
             )
             k, v = cache.k, cache.v
+        if isinstance(mask, Documents):
+            # Constrained on both sides, the kernel's layout change (sequence split -> heads
+            # split) is one all-to-all each way; unconstrained, the partitioner gathered whole
+            # activations across all devices in the weight gradients (16 GiB per chip, 405B).
+            kv_layout = (BATCH, LENGTH, KV_HEADS, None)
+            k, v = constrain(k, kv_layout), constrain(v, kv_layout)
+            out = splash.splash_attention(q, k, v, mask.segment_ids)
+            out = constrain(out, (BATCH, LENGTH, HEADS, None))
+            return dense(out, self.wo[...].astype(dt), contract=2), cache
         b, t, _, hd = q.shape
         q = q.reshape(b, t, c.n_kv_heads, c.n_rep, hd)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt)).astype(jnp.float32)
@@ -182,16 +234,21 @@ class Transformer(nnx.Module):
         *,
         last_only: bool = False,
         per_layer: tuple[Params, ...] | None = None,
+        hidden_only: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """`per_layer`: each layer's weights as separate arrays (see `unstack_layers`); the
-        stacked `self.layers` is then only the modules' structure."""
+        stacked `self.layers` is then only the modules' structure. `hidden_only`: return the
+        final-normed hidden states instead of logits (see `forward`)."""
         c = self.config
         dt = jnp.dtype(c.compute_dtype)
         x = jnp.take(self.tok_embeddings[...], tokens, axis=0).astype(dt)
         x = constrain(x, (BATCH, LENGTH, EMBED))
         rope = rotary_tables(c, positions)
         if cache is None:
-            mask = attention_mask(segment_ids, tokens.shape)
+            if attention_kernel(c, tokens.shape[1]) == "splash":
+                mask = Documents(segment_ids)
+            else:
+                mask = attention_mask(segment_ids, tokens.shape)
             x = self._scan_layers(x, rope, mask, per_layer)
             new_cache = None
         else:
@@ -199,18 +256,29 @@ class Transformer(nnx.Module):
         if last_only:
             x = _last_valid(x, segment_ids)
         x = rms_norm(x, self.norm[...], c.norm_eps)
+        if hidden_only:
+            return x, new_cache
+        return self.logits(x), new_cache
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Output head: final-normed hidden states -> float32 logits."""
+        c = self.config
         head = self.tok_embeddings[...].T if c.tie_embeddings else self.output[...]
-        logits = dense(x, head.astype(dt)).astype(jnp.float32)
-        return constrain(logits, (BATCH, LENGTH, VOCAB)), new_cache
+        logits = dense(x, head.astype(x.dtype)).astype(jnp.float32)
+        return constrain(logits, (BATCH, LENGTH, VOCAB))
 
     def _over_layers(self, body, carry, per_layer: tuple[Params, ...] | None):
         """`carry = body(one_layer, carry, layer_weights, i)` for each layer: a `scan` over the
         stacked weights (compile time independent of depth), or a Python loop over per-layer
         weights (see `unstack_layers` for why)."""
         c = self.config
+        dt = jnp.dtype(c.compute_dtype)
         graphdef, stacked = nnx.split(self.layers)
 
         def one_layer(layer_state, x, rope, mask, cache):
+            # Cast here, inside the rematerialised function: the backward pass then keeps the
+            # scanned float32 input itself, not a stacked compute-dtype copy of every layer.
+            layer_state = jax.tree.map(partial(cast_for_compute, dtype=dt), layer_state)
             return nnx.merge(graphdef, layer_state)(c, x, rope, mask, cache)
 
         if c.remat != "none":
@@ -317,12 +385,15 @@ def forward(
     *,
     config: LlamaConfig,
     last_only: bool = False,
+    hidden_only: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
     """Logits float32 [batch, time, vocab] (or [batch, 1, vocab] with `last_only`) and the
     updated cache. Pure: jit it with `config` static.
 
     `positions` default to 0..T-1 (continuing from the cache's lengths when a cache is given).
-    `segment_ids` separate packed documents; 0 marks right padding.
+    `segment_ids` separate packed documents; 0 marks right padding. `hidden_only` returns the
+    final-normed hidden states [batch, time, dim] in the compute dtype instead of logits, for
+    callers that apply the head piecewise (`output_logits`), e.g. a chunked training loss.
     """
     if positions is None:
         start = 0 if cache is None else cache.lengths[:, None]
@@ -332,7 +403,20 @@ def forward(
     if per_layer is not None:  # any layer's weights give the modules their structure
         params = {**params, "layers": per_layer[0]}
     model = nnx.merge(graphdef(config), params)
-    return model(tokens, positions, segment_ids, cache, last_only=last_only, per_layer=per_layer)
+    return model(
+        tokens,
+        positions,
+        segment_ids,
+        cache,
+        last_only=last_only,
+        per_layer=per_layer,
+        hidden_only=hidden_only,
+    )
+
+
+def output_logits(params: Params, hidden: jax.Array, *, config: LlamaConfig) -> jax.Array:
+    """float32 logits of final-normed hidden states (`forward(..., hidden_only=True)`)."""
+    return nnx.merge(graphdef(config), params).logits(hidden)
 
 
 def unstack_layers(params: Params) -> Params:

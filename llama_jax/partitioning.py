@@ -31,10 +31,13 @@ def use_resolver(resolver: Resolver | None) -> Iterator[None]:
         _resolver.reset(token)
 
 
+def sharding_for(names: Sequence[str | None]) -> jax.sharding.Sharding | None:
+    """The sharding logical axis `names` map to; None when no resolver is active."""
+    resolver = _resolver.get()
+    return None if resolver is None else resolver(names)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Constrain `x` to the sharding its logical axis `names` map to, if a resolver is active."""
-    resolver = _resolver.get()
-    if resolver is None:
-        return x
-    sharding = resolver(names)
+    sharding = sharding_for(names)
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)

@@ -29,6 +29,7 @@ FLAGS: dict[str, tuple[str, type]] = {
     "--init-from": ("init_from", str),
     "--tokenizer": ("data.tokenizer", str),
     "--grad-accum": ("grad_accum", int),
+    "--loss-chunks": ("loss_chunks", int),
     "--lr": ("optim.lr", float),
     "--log-every": ("log_every", int),
     "--export-dir": ("export_dir", str),

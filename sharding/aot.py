@@ -115,7 +115,15 @@ def _abstract(tree: Any, shardings: Any) -> Any:
     )
 
 
-def compile_train(config: LlamaConfig, mesh: jax.sharding.Mesh, rules: str, batch: int, seq: int):
+def compile_train(
+    config: LlamaConfig,
+    mesh: jax.sharding.Mesh,
+    rules: str,
+    batch: int,
+    seq: int,
+    *,
+    loss_chunks: int = 1,
+):
     """The real `train.step` train step (AdamW, fp32 master weights), state donated."""
     from train.optim import OptimConfig, make_optimizer
     from train.step import BATCH_KEYS, abstract_train_state, build_train_step
@@ -127,7 +135,7 @@ def compile_train(config: LlamaConfig, mesh: jax.sharding.Mesh, rules: str, batc
     data = {k: jax.ShapeDtypeStruct((batch, seq), dt) for k, dt in dtypes.items()}
     data_sh = place.batch_shardings(data, mesh, rules)
     step = jax.jit(
-        with_rules(build_train_step(config, optimizer), mesh, rules),
+        with_rules(build_train_step(config, optimizer, loss_chunks=loss_chunks), mesh, rules),
         in_shardings=(state_sh, data_sh),
         out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
@@ -223,6 +231,7 @@ def run(
     batch: int | None = None,
     seq: int = 4096,
     slices: int = 1,
+    loss_chunks: int = 1,
     overrides: dict[str, Any] | None = None,
 ) -> Report:
     rules = rules or ("fsdp" if step == "train" else "infer_tp")
@@ -234,7 +243,10 @@ def run(
     devices = topology_devices(topology, slices)
     mesh = make_mesh(mesh_spec or DEFAULT_MESH[rules], devices)
     batch = batch or len(devices)
-    compile_fn = compile_train if step == "train" else compile_decode
+    if step == "train":
+        compile_fn = partial(compile_train, loss_chunks=loss_chunks)
+    else:
+        compile_fn = compile_decode
     compiled = compile_fn(config, mesh, rules, batch, seq)
     memory = compiled.memory_analysis()
     compiler_flops, seconds = layer_costs(compile_fn, config, mesh, rules, batch, seq)
@@ -308,9 +320,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, help="global batch (default: one per chip)")
     p.add_argument("--seq", type=int, default=4096, help="sequence / KV cache length")
     p.add_argument("--remat", help="override the preset's remat policy")
+    p.add_argument(
+        "--attention", choices=("auto", "xla", "splash"), help="override the attention kernel"
+    )
+    p.add_argument(
+        "--loss-chunks",
+        type=int,
+        default=8,
+        help="sequence slices the output head and loss run over (default %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
-    overrides = {"remat": args.remat} if args.remat else {}
+    overrides = {k: getattr(args, k) for k in ("remat", "attention") if getattr(args, k)}
     report = run(
         args.preset,
         args.topology,
@@ -320,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         batch=args.batch,
         seq=args.seq,
         slices=args.slices,
+        loss_chunks=args.loss_chunks,
         overrides=overrides,
     )
     print(json.dumps(asdict(report)) if args.json else format_report(report))

@@ -40,6 +40,7 @@ S = ("sequence",)
 # FSDP: the sequence axis shards weights too (it has no other use for them)
 F = ("fsdp", "sequence")
 FT = ("fsdp", "sequence", "tensor")
+TS = ("tensor", "sequence")
 B = ("data", "fsdp")
 BT = ("data", "fsdp", "tensor")
 ALL = ("data", "fsdp", "sequence", "tensor")
@@ -63,6 +64,8 @@ TABLE: dict[str, tuple[tuple[str, ...], ...]] = {
     "activation_embed":     (R,    R,       R,   R),
     "activation_heads":     (R,    T,       R,   T),
     "activation_kv_heads":  (R,    T,       R,   T),
+    # the splash kernel's heads: a sequence split becomes a heads split inside attention
+    "activation_attention_heads": (S, TS,   S,   T),
     "activation_mlp":       (R,    T,       R,   T),
     "activation_vocab":     (R,    T,       R,   T),
     # KV cache [layers, batch, max_len, kv_heads, head_dim]

@@ -40,13 +40,19 @@ SCRIPT = textwrap.dedent("""
         cost = aot.compiled_cost(aot.compile_train(config, mesh, "fsdp", 4, 64))
     print(json.dumps({"flops": flops / cost["flops"],
                       "seconds": seconds / cost["optimal_seconds"]}))
+    wide_heads = preset("tiny", dim=256, n_heads=2, n_kv_heads=1, head_dim=128, remat="full")
+    for attention in ("auto", "xla"):
+        compiled = aot.compile_train(wide_heads.replace(attention=attention), mesh, "fsdp", 4, 2048)
+        print(json.dumps({"temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
+                          "pallas_kernel": "tpu_custom_call" in compiled.as_text()}))
 """)
 
 
 @pytest.fixture(scope="module")
 def runs() -> list[dict]:
-    """Multi-slice train report, train report, decode report, extrapolation ratios: one process,
-    one libtpu start-up (the multi-slice topology must come first: libtpu keeps state)."""
+    """Multi-slice train report, train report, decode report, extrapolation ratios, splash and
+    plain attention memory: one process, one libtpu start-up (the multi-slice topology must come
+    first: libtpu keeps state)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)
     done = subprocess.run(
@@ -58,7 +64,7 @@ def runs() -> list[dict]:
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in done.stdout.strip().splitlines()[-4:]]
+    return [json.loads(line) for line in done.stdout.strip().splitlines()[-6:]]
 
 
 def test_train_step_compiles_for_v5p_with_fsdp_memory(runs):
@@ -106,3 +112,11 @@ def test_two_slices_put_data_parallelism_over_dcn(runs):
     # weights replicated over data: the same state per chip, one batch row fewer (5 int32/f32)
     assert single["argument_bytes"] - multi["argument_bytes"] == 5 * 256 * 4
     assert multi["est_step_seconds"] is None  # the compiler gives no estimate across DCN
+
+
+def test_auto_attention_takes_the_splash_kernel_on_tpu(runs):
+    """head_dim 128, 2048 tokens: "auto" compiles the Pallas kernel, and a layer's attention no
+    longer holds [heads, time, time] scores (32 MiB per chip here in float32)."""
+    splash, plain = runs[4], runs[5]
+    assert splash["pallas_kernel"] and not plain["pallas_kernel"]
+    assert plain["temp_bytes"] - splash["temp_bytes"] > 32 * 2**20

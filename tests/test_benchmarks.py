@@ -32,6 +32,9 @@ def test_report_shape(report):
         assert row["unit"] == "tokens/s"
         assert row["ours"] > 0 and row["reference"] > 0
         assert row["ratio"] == pytest.approx(row["ours"] / row["reference"])
+        detail = row["reference_detail"]
+        utilisation = detail.get("bandwidth_util", detail.get("mfu"))
+        assert row["ratio_ceiling"] == pytest.approx(1 / utilisation)
         assert row["targets"]
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import llama_jax as lj
+from llama_jax import model
 from llama_jax.kv_cache import KVCache
 
 
@@ -109,6 +110,23 @@ def test_bf16_compute_keeps_fp32_params_and_stays_close(tiny):
     bf16 = lj.Model(config, tiny.params).logits(tokens)
     assert bf16.dtype == np.float32
     np.testing.assert_allclose(bf16, tiny.logits(tokens), atol=0.05)
+
+
+def test_weight_cast_for_bf16_compute_is_astype_bit_for_bit():
+    """The layer loop casts weights with integer ops on the bits (so XLA cannot hoist the cast
+    out of the loop); it must round exactly as `astype` does, NaN and inf included, and pass
+    gradients back as float32."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(50_000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 50_000)
+    edges = [np.inf, -np.inf, np.nan, 0.0, -0.0, 3.4e38, 1e-45, 1.00390625, 1.01171875]
+    w = jnp.asarray(np.concatenate([w, np.asarray(edges, np.float32)]))
+    ours = model.cast_for_compute(w, jnp.dtype("bfloat16"))
+    assert ours.dtype == jnp.bfloat16
+    as_bits = partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint16)
+    np.testing.assert_array_equal(as_bits(ours), as_bits(w.astype(jnp.bfloat16)))
+    grad = jax.grad(lambda x: jnp.sum(model.cast_for_compute(x, jnp.bfloat16) * 3))(w[:4])
+    assert grad.dtype == jnp.float32
+    np.testing.assert_array_equal(grad, 3.0)
 
 
 def test_last_only_equals_last_position(tiny):

@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from llama_jax import model as llama_model
+from llama_jax import splash
 from llama_jax.config import preset
 from llama_jax.kv_cache import CACHE_AXES, KVCache
 from sharding import place
@@ -83,6 +84,7 @@ def test_every_logical_name_has_a_rule_in_every_preset():
         llama_model.KV_HEADS,
         llama_model.MLP,
         llama_model.VOCAB,
+        splash.HEADS,
     }
     names |= set(CACHE_AXES) | set(BATCH_AXES)
     for rules in PRESETS.values():
@@ -147,7 +149,8 @@ MESHES = [
 
 
 def _loss(params, batch, config):
-    logits, _ = llama_model.forward(params, batch["tokens"], config=config)
+    segment_ids = batch.get("segment_ids")
+    logits, _ = llama_model.forward(params, batch["tokens"], config=config, segment_ids=segment_ids)
     logp = jax.nn.log_softmax(logits)
     nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
     return jnp.mean(nll), logits
@@ -191,6 +194,42 @@ def test_same_logits_loss_and_grads_on_every_mesh(spec, config, references):
     wq = params["layers"]["attention"]["wq"]
     assert len(wq.sharding.device_set) == 8
     assert wq.addressable_shards[0].data.size < wq.size  # really split
+
+
+@pytest.mark.parametrize(
+    "spec, rules, config",
+    [("data=2,fsdp=4", "fsdp", GQA), ("fsdp=2,sequence=2,tensor=2", "fsdp_tp", WIDE)],
+)
+def test_splash_kernel_matches_plain_attention_on_a_mesh(spec, rules, config):
+    """The Pallas kernel (interpreted on CPU) inside its shard_map, two packed documents per
+    row, against plain attention on one device. On the second mesh the sequence is split over
+    devices, and inside attention the heads are split instead (tensor * sequence)."""
+    batch = _batch(config, length=128)
+    batch["segment_ids"] = np.repeat([[1] * 50 + [2] * 78], 8, axis=0).astype(np.int32)
+
+    def run(spec, devices, config):
+        mesh = make_mesh(spec, devices)
+        params = place.place(_host_params(config), config, mesh, rules)
+        step = jax.value_and_grad(partial(_loss, config=config), has_aux=True)
+        out = jax.jit(with_rules(step, mesh, rules))(params, place.place_batch(batch, mesh, rules))
+        return jax.device_get(out)
+
+    expected = run("1", jax.devices()[:1], config.replace(attention="xla"))
+    _close(run(spec, None, config.replace(attention="splash")), expected)
+
+
+def test_splash_says_what_does_not_divide():
+    """A sequence split over 4 devices becomes a heads split inside attention: GQA's 2 kv heads
+    cannot follow."""
+    mesh = make_mesh("fsdp=2,sequence=4")
+    config = GQA.replace(attention="splash")
+    params = place.place(_host_params(GQA), config, mesh, "fsdp")
+    batch = place.place_batch(_batch(GQA, length=128), mesh, "fsdp")
+    step = jax.jit(with_rules(partial(_loss, config=config), mesh, "fsdp"))
+    with pytest.raises(
+        ValueError, match=r"key/value heads \(2\) does not divide over mesh axes sequence=4"
+    ):
+        step(params, batch)
 
 
 def test_decode_with_a_sharded_cache_matches_one_device():

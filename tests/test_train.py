@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -27,7 +28,7 @@ from train.config import TrainConfigError, load_config
 from train.corpus import documents
 from train.data import pack_examples, tokenize_document
 from train.loop import NonFiniteLoss, run
-from train.metrics import flops_per_token, matmul_params
+from train.metrics import flops_per_token, matmul_params, peak_flops_per_device
 from train.optim import OptimConfig, decay_mask, make_optimizer, make_schedule
 from train.step import build_train_step, init_train_state, token_losses
 from train.tokenizers import ByteTokenizer
@@ -140,6 +141,25 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_state):
         np.testing.assert_allclose(a, b, atol=1e-5)  # lr 1e-3: 1% of one update
 
 
+def test_chunked_loss_matches_the_whole_sequence_loss(tiny_state):
+    """The head and loss over 4 strided slices of the sequence: same loss, count and gradients."""
+    params = tiny_state[1].params
+    batch = _random_batch(4, 32)
+    batch["loss_mask"] = batch["loss_mask"].at[1, 5:].set(0.0)
+    grads = {}
+    for chunks in (1, 4):
+        fn = jax.value_and_grad(partial(token_losses, loss_chunks=chunks), has_aux=True)
+        grads[chunks] = jax.jit(fn, static_argnums=2)(params, batch, TINY)
+    (loss1, n1), g1 = grads[1]
+    (loss4, n4), g4 = grads[4]
+    assert n1 == n4 == 4 * 32 - 27
+    np.testing.assert_allclose(loss4, loss1, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match=r"loss_chunks \(5\) must divide the sequence length 32"):
+        token_losses(params, batch, TINY, loss_chunks=5)
+
+
 def test_bf16_compute_keeps_fp32_master_weights_and_moments(tiny_state):
     config = TINY.replace(compute_dtype="bfloat16", remat="full")
     opt, state = tiny_state
@@ -184,6 +204,26 @@ def test_flop_formula():
         matmul_params(big)
         == big.param_count() - big.vocab_size * big.dim - (2 * big.n_layers + 1) * big.dim
     )
+
+
+@pytest.mark.parametrize(
+    ("kind", "tflops"),
+    [
+        ("TPU v5", 459),
+        ("TPU v5p", 459),
+        ("TPU v5 lite", 197),
+        ("TPU v6 lite", 918),
+        ("TPU v4", 275),
+    ],
+)
+def test_peak_flops_by_the_device_kind_the_runtime_reports(kind, tflops):
+    """v5p chips report "TPU v5": a prefix table that let it match v5e's entry overstated MFU."""
+
+    class Device:
+        device_kind = kind
+
+    peak, source = peak_flops_per_device([Device()], "bfloat16", 0)
+    assert (peak, source) == (tflops * 1e12, f"data sheet ({kind})")
 
 
 # --- runs ----------------------------------------------------------------------------------

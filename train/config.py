@@ -30,12 +30,14 @@ class TrainConfigError(ValueError):
 class TrainConfig:
     """A training run.
 
-        `model` is a preset name; `init_from` (any layout `llama_jax.load` reads) replaces it with
-        that checkpoint's config and weights. `model_overrides` changes LlamaConfig fields;
-        `compute_dtype` / `remat` (None: the model's own) are the usual ones. Parameters and optimizer
-        moments are always float32. `checkpoint_dir` is the run directory; it resumes when it holds a
-        checkpoint. `export_dir` receives the final weights as `export_format` ("hf", "meta" or
-    "orbax"). `peak_tflops` is one device's peak for MFU (0: look it up or measure it).
+    `model` is a preset name; `init_from` (any layout `llama_jax.load` reads) replaces it with
+    that checkpoint's config and weights. `model_overrides` changes LlamaConfig fields;
+    `compute_dtype` / `remat` (None: the model's own) are the usual ones. Parameters and optimizer
+    moments are always float32. `loss_chunks` > 1 computes the output head and loss over that
+    many slices of the sequence, for less memory (see `train.step.token_losses`).
+    `checkpoint_dir` is the run directory; it resumes when it holds a checkpoint. `export_dir`
+    receives the final weights as `export_format` ("hf", "meta" or "orbax"). `peak_tflops` is
+    one device's peak for MFU (0: look it up or measure it).
     """
 
     model: str = "tiny"
@@ -47,6 +49,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 1000
     grad_accum: int = 1
+    loss_chunks: int = 1
     mesh: str = "fsdp=-1"
     rules: str = "fsdp"
     seed: int = 0

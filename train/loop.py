@@ -167,7 +167,9 @@ def setup(cfg: TrainConfig, devices: list[Any] | None = None) -> Trainer:
 
     batch_shape = jax.ShapeDtypeStruct((cfg.data.batch, cfg.data.seq_len), np.int32)
     batch_sharding = batch_shardings({"tokens": batch_shape}, mesh, cfg.rules)["tokens"]
-    step = build_train_step(model_config, optimizer, grad_accum=cfg.grad_accum)
+    step = build_train_step(
+        model_config, optimizer, grad_accum=cfg.grad_accum, loss_chunks=cfg.loss_chunks
+    )
     step_fn = jax.jit(
         with_rules(step, mesh, cfg.rules),
         in_shardings=(shardings, batch_sharding),

@@ -30,11 +30,14 @@ from tqdm import tqdm
 
 from llama_jax.config import LlamaConfig
 
-# Dense bf16 peak FLOP/s per device (chip), from vendor data sheets, by `device_kind` prefix.
+# Dense bf16 peak FLOP/s per device (chip), from vendor data sheets, by `device_kind`. The kinds
+# are what the runtime reports, which is not the product name: v5p reports "TPU v5", v5e
+# "TPU v5 lite", v6e "TPU v6 lite". The longest matching prefix wins.
 PEAK_FLOPS = {
-    "TPU v6": 918e12,
+    "TPU v6 lite": 918e12,
+    "TPU v5 lite": 197e12,
     "TPU v5p": 459e12,
-    "TPU v5": 197e12,  # v5e ("TPU v5 lite")
+    "TPU v5": 459e12,
     "TPU v4": 275e12,
     "TPU v3": 123e12,
     "NVIDIA H100": 989e12,
@@ -80,9 +83,9 @@ def peak_flops_per_device(
     if override_tflops > 0:
         return override_tflops * 1e12, "config peak_tflops"
     kind = devices[0].device_kind
-    for prefix, flops in PEAK_FLOPS.items():
-        if kind.startswith(prefix):
-            return flops, f"data sheet ({kind})"
+    matches = [prefix for prefix in PEAK_FLOPS if kind.startswith(prefix)]
+    if matches:
+        return PEAK_FLOPS[max(matches, key=len)], f"data sheet ({kind})"
     return measure_peak_flops(devices, dtype), f"measured {dtype} matmul on {kind}"
 
 

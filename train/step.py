@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from llama_jax.config import LlamaConfig
-from llama_jax.model import Params, forward, init_params, param_shapes
+from llama_jax.model import Params, forward, init_params, output_logits, param_shapes
 from llama_jax.partitioning import constrain
 from train.optim import current_lr
 
@@ -42,14 +42,43 @@ class TrainState(NamedTuple):
     rng: jax.Array
 
 
-def token_losses(params: Params, batch: Batch, config: LlamaConfig) -> tuple[jax.Array, jax.Array]:
-    """(sum of masked per-token cross-entropy, number of counted tokens), both float32."""
-    logits, _ = forward(
-        params, batch["tokens"], batch["positions"], batch["segment_ids"], config=config
-    )
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+def token_losses(
+    params: Params, batch: Batch, config: LlamaConfig, loss_chunks: int = 1
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of masked per-token cross-entropy, number of counted tokens), both float32.
+
+    With `loss_chunks` > 1 the output head and the loss run over that many slices of the
+    sequence in turn, each rematerialised in the backward pass, so the float32 logits (and their
+    gradient) of only one slice exist at a time: for a 128k vocabulary they are the largest
+    activation of the step (2 GiB per 4096 tokens). Slice `j` holds positions j, j + n, j + 2n...
+    so each device keeps its part of a sequence-split batch.
+    """
     mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(ce * mask), jnp.sum(mask)
+    hidden, _ = forward(
+        params,
+        batch["tokens"],
+        batch["positions"],
+        batch["segment_ids"],
+        config=config,
+        hidden_only=True,
+    )
+    b, t = hidden.shape[:2]
+    if t % loss_chunks:
+        raise ValueError(f"loss_chunks ({loss_chunks}) must divide the sequence length {t}")
+
+    def strided(x: jax.Array) -> jax.Array:  # [b, t, ...] -> [n, b, t / n, ...]
+        return jnp.moveaxis(x.reshape(b, t // loss_chunks, loss_chunks, *x.shape[2:]), 2, 0)
+
+    @jax.checkpoint
+    def chunk_loss(total: jax.Array, chunk: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
+        h, targets, m = chunk
+        logits = output_logits(params, h, config=config)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return total + jnp.sum(ce * m), None
+
+    chunks = (strided(hidden), strided(batch["targets"]), strided(mask))
+    total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32), chunks)
+    return total, jnp.sum(mask)
 
 
 def split_micro_batches(batch: Batch, grad_accum: int) -> Batch:
@@ -69,27 +98,42 @@ def split_micro_batches(batch: Batch, grad_accum: int) -> Batch:
 
 
 def build_train_step(
-    model_config: LlamaConfig, optimizer: optax.GradientTransformation, *, grad_accum: int = 1
+    model_config: LlamaConfig,
+    optimizer: optax.GradientTransformation,
+    *,
+    grad_accum: int = 1,
+    loss_chunks: int = 1,
 ) -> StepFn:
     """A pure `fn(state, batch) -> (state, metrics)`; gradients of `grad_accum` micro-batches are
-    summed in a `lax.scan` (memory of one micro-batch) before a single update.
+    summed in a `lax.scan` (memory of one micro-batch) before a single update. `loss_chunks`:
+    see `token_losses`.
 
     metrics: loss (mean over counted tokens), grad_norm (before clipping), lr (used by this
     update), loss_tokens (counted targets) and tokens (non-padding positions), all float32.
     """
-    grad_fn = jax.value_and_grad(partial(token_losses, config=model_config), has_aux=True)
+    grad_fn = jax.value_and_grad(
+        partial(token_losses, config=model_config, loss_chunks=loss_chunks), has_aux=True
+    )
+
+    def micro_grads(params: Params, micro: Batch) -> tuple[Params, jax.Array, jax.Array]:
+        micro = {k: constrain(v, BATCH_AXES) for k, v in micro.items()}
+        (loss, n), grads = grad_fn(params, micro)
+        return grads, loss, n
 
     def accumulate(params: Params, carry: tuple, micro: Batch) -> tuple[tuple, None]:
-        grads, loss_sum, count = carry
-        micro = {k: constrain(v, BATCH_AXES) for k, v in micro.items()}
-        (loss, n), g = grad_fn(params, micro)
-        return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, count + n), None
+        grads, loss, n = micro_grads(params, micro)
+        return jax.tree.map(jnp.add, carry, (grads, loss, n)), None
+
+    def summed_grads(params: Params, batch: Batch) -> tuple[Params, jax.Array, jax.Array]:
+        if grad_accum == 1:  # no zero-initialised accumulator: one gradient-sized buffer less
+            return micro_grads(params, batch)
+        zero = jnp.zeros((), jnp.float32)
+        init = (jax.tree.map(jnp.zeros_like, params), zero, zero)
+        micro = split_micro_batches(batch, grad_accum)
+        return jax.lax.scan(partial(accumulate, params), init, micro)[0]
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        zero = jnp.zeros((), jnp.float32)
-        init = (jax.tree.map(jnp.zeros_like, state.params), zero, zero)
-        micro = split_micro_batches(batch, grad_accum)
-        (grads, loss_sum, count), _ = jax.lax.scan(partial(accumulate, state.params), init, micro)
+        grads, loss_sum, count = summed_grads(state.params, batch)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
