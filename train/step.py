@@ -62,6 +62,13 @@ def token_losses(
         config=config,
         hidden_only=True,
     )
+
+    def loss_sum(h: jax.Array, targets: jax.Array, m: jax.Array) -> jax.Array:
+        logits = output_logits(params, h, config=config)
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * m)
+
+    if loss_chunks == 1:
+        return loss_sum(hidden, batch["targets"], mask), jnp.sum(mask)
     b, t = hidden.shape[:2]
     if t % loss_chunks:
         raise ValueError(f"loss_chunks ({loss_chunks}) must divide the sequence length {t}")
@@ -69,15 +76,11 @@ def token_losses(
     def strided(x: jax.Array) -> jax.Array:  # [b, t, ...] -> [n, b, t / n, ...]
         return jnp.moveaxis(x.reshape(b, t // loss_chunks, loss_chunks, *x.shape[2:]), 2, 0)
 
-    @jax.checkpoint
-    def chunk_loss(total: jax.Array, chunk: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
-        h, targets, m = chunk
-        logits = output_logits(params, h, config=config)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        return total + jnp.sum(ce * m), None
+    def add_chunk(total: jax.Array, chunk: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
+        return total + jax.checkpoint(loss_sum)(*chunk), None
 
     chunks = (strided(hidden), strided(batch["targets"]), strided(mask))
-    total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32), chunks)
+    total, _ = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32), chunks)
     return total, jnp.sum(mask)
 
 
