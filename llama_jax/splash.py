@@ -28,7 +28,7 @@ from llama_jax.partitioning import sharding_for
 
 BATCH = "activation_batch"
 HEADS = "activation_attention_heads"
-BLOCK = 512  # tile edge (tokens) of the kernel's q and kv blocks, as MaxText's default
+BLOCK = 512  # tile edge (tokens) of the kernel's q and kv blocks
 MIN_BLOCK = 128  # the kernel's smallest tile: sequences must be a multiple of it
 
 

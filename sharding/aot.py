@@ -35,13 +35,14 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax import model as llama_model
-from llama_jax.config import LlamaConfig, preset
+from llama_jax.config import ATTENTION_KERNELS, LlamaConfig, preset
 from llama_jax.kv_cache import KVCache
 from sharding import place
 from sharding.mesh import make_mesh
 from sharding.rules import DEFAULT_MESH, PRESET_NAMES, with_rules
 
 GiB = 1024**3
+LOSS_CHUNKS = 8  # train steps: float32 logits of 1/8 of each sequence at a time
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,7 @@ def run(
     batch: int | None = None,
     seq: int = 4096,
     slices: int = 1,
-    loss_chunks: int = 1,
+    loss_chunks: int = LOSS_CHUNKS,
     overrides: dict[str, Any] | None = None,
 ) -> Report:
     rules = rules or ("fsdp" if step == "train" else "infer_tp")
@@ -320,13 +321,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, help="global batch (default: one per chip)")
     p.add_argument("--seq", type=int, default=4096, help="sequence / KV cache length")
     p.add_argument("--remat", help="override the preset's remat policy")
-    p.add_argument(
-        "--attention", choices=("auto", "xla", "splash"), help="override the attention kernel"
-    )
+    p.add_argument("--attention", choices=ATTENTION_KERNELS, help="override the attention kernel")
     p.add_argument(
         "--loss-chunks",
         type=int,
-        default=8,
+        default=LOSS_CHUNKS,
         help="sequence slices the output head and loss run over (default %(default)s)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
