@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.workload import Row, prompt_tokens, train_batch
+from infer.engine import engine_params
 from infer.sampling import first_argmax
 from llama_jax.api import Model
 from llama_jax.config import LlamaConfig
@@ -139,14 +140,15 @@ class LoopDecode:
 
 
 class Prefill:
-    """Prompt -> cache + last-position logits, one jitted call (a fresh cache each time)."""
+    """Prompt -> cache + last-position logits, one jitted call (a fresh cache each time), over
+    the weights in the form the engine gives them (`engine_params`: per-layer on CPU)."""
 
     def __init__(self, config: LlamaConfig, params: Params, row: Row):
         def prefill(params, tokens):
             cache = KVCache.zeros(config, tokens.shape[0], tokens.shape[1])
             return forward(params, tokens, cache=cache, config=config, last_only=True)
 
-        self.params = params
+        self.params = engine_params(params, mesh=None)
         self.tokens = jnp.asarray(prompt_tokens(row, config.vocab_size))
         self.fn = jax.jit(prefill)
         self.logits: np.ndarray | None = None

@@ -38,7 +38,6 @@ from llama_jax.model import Params, forward, unstack_layers
 log = logging.getLogger("llama_jax.infer")
 
 MIN_PREFILL_LEN = 16
-PER_LAYER_COPY_LIMIT = 2 << 30  # bytes of layer weights copied per-layer for CPU decoding
 
 
 class EngineError(ValueError):
@@ -155,7 +154,7 @@ class Engine:
         rules: str = "infer_tp",
     ) -> None:
         self.config = config
-        self.params = _decode_params(params, mesh)
+        self.params = engine_params(params, mesh)
         self.slots = slots if mesh is None else _round_to_batch_split(slots, mesh, rules)
         self.max_len = min(max_len or config.max_seq_len, config.max_seq_len)
         if self.max_len < 2:
@@ -305,17 +304,14 @@ class Engine:
         return out
 
 
-def _decode_params(params: Params, mesh: jax.sharding.Mesh | None) -> Params:
-    """The weights as decoding reads them: on CPU, small models get per-layer arrays.
+def engine_params(params: Params, mesh: jax.sharding.Mesh | None) -> Params:
+    """The weights as the engine reads them: per-layer arrays on CPU (see `unstack_layers`).
 
-    Why: XLA's CPU backend copies each layer's weights out of the stacked arrays on every decode
-    step, which made bench-155m's batch-1 step a quarter slower (24 ms vs 18 ms). The per-layer
-    copy costs memory for as long as the engine lives, so it is only made when it is at most
-    `PER_LAYER_COPY_LIMIT` bytes; bigger models on CPU decode from the stacked weights.
+    Why: XLA's CPU backend copies each layer's weights out of the stacked arrays on every step,
+    which made bench-155m's batch-1 decode step a quarter slower (24 ms vs 18 ms). The per-layer
+    arrays are views of the stacked ones, so this costs neither memory nor time per engine.
     """
-    on_cpu = mesh is None and jax.default_backend() == "cpu"
-    layer_bytes = sum(x.nbytes for x in jax.tree.leaves(params["layers"]))
-    if on_cpu and layer_bytes <= PER_LAYER_COPY_LIMIT:
+    if mesh is None and jax.default_backend() == "cpu":
         return unstack_layers(params)
     return params
 

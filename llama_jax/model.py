@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from functools import cache, partial
-from operator import itemgetter
 from typing import Any, NamedTuple
 
 import jax
@@ -449,7 +448,26 @@ def unstack_layers(params: Params) -> Params:
     memory traffic; with separate arrays each matmul reads its weights in place (for bench-155m
     a decode step is about a quarter faster). The layers are then unrolled in the compiled code.
     Training, checkpoints and sharding keep the stacked form.
+
+    A stacked array on one CPU device is split into views of its own memory (see `_layer_views`),
+    so the per-layer form costs no memory and no copying; other arrays are sliced (copies).
     """
-    layers = params["layers"]
-    n = jax.tree.leaves(layers)[0].shape[0]
-    return {**params, "layers": tuple(jax.tree.map(itemgetter(i), layers) for i in range(n))}
+    leaves, treedef = jax.tree.flatten(params["layers"])
+    split = [_layer_views(x) or list(x) for x in leaves]
+    per_layer = tuple(treedef.unflatten(layer) for layer in zip(*split, strict=True))
+    return {**params, "layers": per_layer}
+
+
+def _layer_views(x: jax.Array) -> list[jax.Array] | None:
+    """`x[i]` for each i as arrays aliasing `x`'s buffer, when `x` lives on one CPU device.
+
+    `np.asarray` of a CPU array is a view of its buffer, and `device_put` of a contiguous,
+    aligned numpy array adopts that memory instead of copying it; each view keeps `x`'s buffer
+    alive. Such arrays are not donated by XLA (it does not own their memory), so the stacked
+    original cannot be overwritten behind the views. None where this does not apply.
+    """
+    devices = x.sharding.device_set
+    if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+        return None
+    host = np.asarray(x)
+    return [jax.device_put(host[i], x.sharding) for i in range(x.shape[0])]

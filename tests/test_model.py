@@ -32,19 +32,33 @@ def test_logits_shape_and_dtype(tiny):
     assert np.isfinite(out).all()
 
 
-def test_token_by_token_decode_matches_full_forward(tiny):
+@pytest.mark.parametrize("layers", ["stacked", "per_layer"])
+def test_token_by_token_decode_matches_full_forward(tiny, layers):
     config = tiny.config
+    params = tiny.params if layers == "stacked" else model.unstack_layers(tiny.params)
     tokens = _tokens((2, 24), config.vocab_size)
     full = tiny.logits(tokens)
     cache = KVCache.zeros(config, batch=2, max_len=32)
     prefix = 9  # a multi-token prefill, then one token at a time
-    logits, cache = _cached(tiny.params, jnp.asarray(tokens[:, :prefix]), cache, config)
+    logits, cache = _cached(params, jnp.asarray(tokens[:, :prefix]), cache, config)
     steps = [np.asarray(logits)]
     for t in range(prefix, tokens.shape[1]):
-        logits, cache = _cached(tiny.params, jnp.asarray(tokens[:, t : t + 1]), cache, config)
+        logits, cache = _cached(params, jnp.asarray(tokens[:, t : t + 1]), cache, config)
         steps.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=0)
     assert np.asarray(cache.lengths).tolist() == [24, 24]
+
+
+def test_unstacked_layers_on_cpu_are_views_of_the_stacked_weights(tiny):
+    stacked = tiny.params["layers"]["feed_forward"]["w1"]
+    per_layer = model.unstack_layers(tiny.params)["layers"]
+    assert len(per_layer) == tiny.config.n_layers
+    for i, layer in enumerate(per_layer):
+        w1 = layer["feed_forward"]["w1"]
+        np.testing.assert_array_equal(w1, stacked[i])
+        # No copy: layer i's array starts i layers into the stacked buffer.
+        offset = w1.unsafe_buffer_pointer() - stacked.unsafe_buffer_pointer()
+        assert offset == i * w1.nbytes
 
 
 def test_ragged_rows_advance_independently(tiny):
