@@ -463,8 +463,8 @@ def _layer_views(x: jax.Array) -> list[jax.Array] | None:
 
     `np.asarray` of a CPU array is a view of its buffer, and `device_put` of a contiguous,
     aligned numpy array adopts that memory instead of copying it; each view keeps `x`'s buffer
-    alive. Such arrays are not donated by XLA (it does not own their memory), so the stacked
-    original cannot be overwritten behind the views. None where this does not apply.
+    alive. While views exist, a jitted call asked to donate `x` does not (XLA sees the external
+    references), so nothing overwrites the views' memory. None where this does not apply.
     """
     devices = x.sharding.device_set
     if len(devices) != 1 or next(iter(devices)).platform != "cpu":
