@@ -36,6 +36,7 @@ class Spec:
     decode_path: str = "engine"
     steps_per_call: int = 16
     new_tokens: int = 0  # shortens the decode rows when > 0 (smoke tests)
+    compile_cache: str = ""  # our side's persistent compilation cache directory ("" = none)
     limits: dict[str, Any] = field(default_factory=dict)  # keyword arguments of limits.measure
 
 
@@ -67,6 +68,10 @@ class Session:
         start = time.perf_counter()
         if spec.side == "ours":
             from benchmarks.ours import make_runner
+            from llama_jax import compile_cache
+
+            if spec.compile_cache:
+                compile_cache.enable(spec.compile_cache)
 
             self.runner = make_runner(
                 Path(spec.hf_dir), self.row, spec.decode_path, spec.steps_per_call

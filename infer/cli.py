@@ -20,6 +20,7 @@ from infer.engine import Engine, EngineError, bucket
 from infer.generate import Completion, default_stop_ids
 from infer.sampling import SamplingError, SamplingParams
 from infer.tools import check_tools, may_be_tool_call, with_tools
+from llama_jax import compile_cache
 
 PROG = "llama_jax.infer"
 
@@ -404,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sharding.mesh import ShardingError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    compile_cache.enable()
     try:
         if argv[:1] == ["serve"]:
             from infer.server import serve_main, server_parser

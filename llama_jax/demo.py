@@ -47,11 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="training steps (default: configs/demo.yaml)")
     args = p.parse_args(argv)
 
+    from llama_jax import compile_cache
     from train.config import load_config
     from train.corpus import facts, score
     from train.loop import run
     from train.tokenizers import BYTES, LLAMA3, load_tokenizer, meta_tokenizer_path
 
+    compile_cache.enable()
     out = Path(args.out or tempfile.mkdtemp(prefix="llama_jax_demo_"))
     overrides: dict = {"checkpoint_dir": str(out / "run")}
     if args.steps:

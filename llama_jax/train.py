@@ -66,9 +66,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     config_name, overrides = parse_args(argv)
+    from llama_jax import compile_cache
     from train.config import load_config
     from train.loop import PREEMPTED_EXIT_CODE, USER_ERRORS, run
 
+    compile_cache.enable()
     try:
         result = run(load_config(config_name, overrides))
     except USER_ERRORS as e:

@@ -7,6 +7,8 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CLIs under test keep no compilation cache (test_compile_cache turns one on explicitly).
+os.environ["LLAMA_JAX_COMPILE_CACHE"] = "off"
 
 from pathlib import Path
 

@@ -3,11 +3,13 @@
 It checks the report's shape and arithmetic, never a timing.
 """
 
+import copy
 import json
 
 import pytest
 
 from benchmarks import run
+from benchmarks.report import table
 from benchmarks.workload import ROWS
 
 
@@ -58,3 +60,15 @@ def test_only_selects_rows():
     ]
     with pytest.raises(SystemExit):
         run.select_rows("nonsense")
+
+
+def test_table_shows_the_first_start_beside_the_cached_one(report):
+    assert report["meta"]["ours_compile_cache"] is False  # in-process: no cache
+    row = copy.deepcopy(report["rows"][0])
+    row["ours_detail"] |= {"cold_first_token_s": 0.5, "peak_rss_mb": 800.0}
+    row["ours_detail"]["first_start"] = {
+        "cold_s": 9.0, "cold_first_token_s": 7.25, "peak_rss_mb": 1000.0
+    }  # fmt: skip
+    text = table({**report, "rows": [row]})
+    assert "| 0.50 (7.25) / " in text and "| 800 (1,000) / " in text
+    assert "in brackets, that first start" in text
