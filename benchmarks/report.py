@@ -4,6 +4,7 @@ the cross-check that both sides computed the same thing, targets, and a markdown
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -142,20 +143,18 @@ def _util(detail: dict[str, Any]) -> str:
     return f"{_utilisation(detail):.0%} {kind}"
 
 
-def _mem(detail: dict[str, Any]) -> str:
-    def mb(d: dict[str, Any]) -> str:
-        return "n/a" if d["peak_rss_mb"] is None else f"{d['peak_rss_mb']:,.0f}"
-
+def _with_first_start(detail: dict[str, Any], figure: Callable[[dict[str, Any]], str]) -> str:
+    """`figure` of a side, followed in brackets by that of its first start where reported."""
     first = detail.get("first_start")
-    return mb(detail) + (f" ({mb(first)})" if first else "")
+    return figure(detail) + (f" ({figure(first)})" if first else "")
+
+
+def _mem(detail: dict[str, Any]) -> str:
+    return "n/a" if detail["peak_rss_mb"] is None else f"{detail['peak_rss_mb']:,.0f}"
 
 
 def _cold(detail: dict[str, Any]) -> str:
-    def seconds(d: dict[str, Any]) -> str:
-        return f"{d.get('cold_first_token_s') or d['cold_s']:.2f}"
-
-    first = detail.get("first_start")
-    return seconds(detail) + (f" ({seconds(first)})" if first else "")
+    return f"{detail.get('cold_first_token_s') or detail['cold_s']:.2f}"
 
 
 def _met(row: dict[str, Any]) -> str:
@@ -175,8 +174,9 @@ def table(report: dict[str, Any]) -> str:
         lines.append(
             f"| {r['name']} | {r['ours']:,.1f} | {r['reference']:,.1f} "
             f"| {r['ratio']:.2f}x ({r['ratio_ceiling']:.2f}x) "
-            f"| {_util(o)} / {_util(f)} | {_cold(o)} / {_cold(f)} "
-            f"| {_mem(o)} / {_mem(f)} | {_met(r)} |"
+            f"| {_util(o)} / {_util(f)} "
+            f"| {_with_first_start(o, _cold)} / {_with_first_start(f, _cold)} "
+            f"| {_with_first_start(o, _mem)} / {_with_first_start(f, _mem)} | {_met(r)} |"
         )
     lim = report["limits"]
     lines.append("")

@@ -120,14 +120,12 @@ def export_weights(preset_name: str, seed: int, dst: Path) -> Path:
 def measure_row(row: Row, spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
     """Warm both sides up, then time them alternately; returns raw results per side."""
     worker_cls = LocalWorker if args.in_process else ProcessWorker
+    spec = dataclasses.replace(spec, row=row.name)
     if spec.compile_cache:  # a cache per row: its first start compiles everything it runs
         spec = dataclasses.replace(spec, compile_cache=str(Path(spec.compile_cache) / row.name))
-    first_start = _fill_compile_cache(
-        worker_cls, dataclasses.replace(spec, side="ours", row=row.name)
-    )
+    first_start = _fill_compile_cache(worker_cls, dataclasses.replace(spec, side="ours"))
     workers = {
-        side: worker_cls(dataclasses.replace(spec, side=side, row=row.name))
-        for side in ("ours", "reference")
+        side: worker_cls(dataclasses.replace(spec, side=side)) for side in ("ours", "reference")
     }
     try:
         for w in workers.values():
