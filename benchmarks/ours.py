@@ -24,11 +24,16 @@ import numpy as np
 
 from benchmarks.workload import Row, prompt_tokens, train_batch
 from infer.engine import engine_params
+from infer.generate import generate
+from infer.layer_views import unstack_layers
 from infer.sampling import first_argmax
 from llama_jax.api import Model
+from llama_jax.checkpoint.load import load
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import KVCache
-from llama_jax.model import Params, forward, init_params, unstack_layers
+from llama_jax.model import Params, forward, init_params
+from train.optim import OptimConfig, make_optimizer
+from train.step import build_train_step, init_train_state
 
 DECODE_CHUNK = 16  # decode steps fused per jitted call in the loop path
 
@@ -40,8 +45,6 @@ def random_params(config: LlamaConfig, seed: int) -> Params:
 
 def load_model(hf_dir: Path) -> Model:
     """The exported weights, loaded the way users load a checkpoint."""
-    from llama_jax.checkpoint.load import load
-
     model = load(hf_dir, progress=False)
     jax.block_until_ready(model.params)
     return model
@@ -59,8 +62,6 @@ class EngineDecode:
     """Greedy generation through `infer.generate.generate`, as `Model.generate` runs it."""
 
     def __init__(self, config: LlamaConfig, params: Params, row: Row, steps_per_call: int):
-        from infer.generate import generate
-
         self.model = Model(config, params)
         self.prompts = prompt_tokens(row, config.vocab_size).tolist()
         self.row = row
@@ -168,9 +169,6 @@ class Train:
     """One AdamW training step (Llama 3 recipe: clipping, warm-up schedule), state donated."""
 
     def __init__(self, config: LlamaConfig, params: Params, row: Row):
-        from train.optim import OptimConfig, make_optimizer
-        from train.step import build_train_step, init_train_state
-
         optimizer = make_optimizer(OptimConfig(warmup_steps=10))
         # The loader's arrays adopt host memory, which XLA cannot donate: the first step would
         # hold a second copy of the weights. Copies owned by XLA are donated from step one.

@@ -27,6 +27,7 @@ import numpy as np
 from infer.engine import Engine, EngineError, Prefill
 from infer.sampling import Sampled, SamplingParams
 from infer.text import TextStream
+from llama_jax.tokenizer import default_stop_ids
 
 log = logging.getLogger("llama_jax.infer")
 
@@ -303,3 +304,21 @@ class Scheduler:
         request.done.set()
         if request.on_update is not None:
             request.on_update(request, piece)
+
+
+def scheduler_for(
+    model: Any, *, slots: int, max_len: int, max_waiting: int = 1024, **engine_options: Any
+) -> Scheduler:
+    """An engine over a loaded `Model` (its params, mesh and tokenizer, whose stop tokens end
+    generation by default) and the scheduler that feeds it. The CLI, the server and `generate`
+    all build theirs here; `engine_options` are `Engine`'s (prefill_chunk, steps_per_call,
+    rules)."""
+    engine = Engine(
+        model.config, model.params, slots=slots, max_len=max_len, mesh=model.mesh, **engine_options
+    )
+    return Scheduler(
+        engine,
+        tokenizer=model.tokenizer,
+        default_stop_ids=default_stop_ids(model.tokenizer, model.config.vocab_size),
+        max_waiting=max_waiting,
+    )

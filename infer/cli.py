@@ -15,12 +15,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from infer.batching import Request, Scheduler
-from infer.engine import Engine, EngineError, bucket
-from infer.generate import Completion, default_stop_ids
+import uvicorn
+
+from infer.batching import Request, Scheduler, scheduler_for
+from infer.engine import EngineError, bucket
+from infer.generate import Completion
 from infer.sampling import SamplingError, SamplingParams
+from infer.server import Limits, create_app
 from infer.tools import check_tools, may_be_tool_call, with_tools
 from llama_jax import compile_cache
+from llama_jax.api import Model, init
+from llama_jax.chat import encode_dialog, parse_assistant
+from llama_jax.checkpoint.errors import CheckpointError
+from llama_jax.checkpoint.load import load
+from llama_jax.config import ConfigError, preset
+from llama_jax.tokenizer import Tokenizer
+from sharding.mesh import ShardingError, make_mesh
+from sharding.place import place
 
 PROG = "llama_jax.infer"
 
@@ -112,20 +123,10 @@ def sampling_from(args: argparse.Namespace, **overrides: Any) -> SamplingParams:
         raise CLIError(f"--{e.field.replace('_', '-')} {e.reason}") from None
 
 
-def load_model(args: argparse.Namespace) -> Any:
+def load_model(args: argparse.Namespace) -> Model:
     """The model named by --checkpoint / --preset, placed on --mesh, with its tokenizer."""
-    from llama_jax.api import init
-    from llama_jax.config import preset
-    from llama_jax.tokenizer import Tokenizer
-
-    mesh = None
-    if args.mesh:
-        from sharding.mesh import make_mesh
-
-        mesh = make_mesh(args.mesh)
+    mesh = make_mesh(args.mesh) if args.mesh else None
     if args.checkpoint:
-        from llama_jax.checkpoint.load import load
-
         model = load(args.checkpoint, mesh=mesh, dtype=args.dtype)
     else:
         config = preset(args.preset)
@@ -133,8 +134,6 @@ def load_model(args: argparse.Namespace) -> Any:
             config = config.replace(param_dtype=args.dtype)
         model = init(config)
         if mesh is not None:
-            from sharding.place import place
-
             model.params, model.mesh = place(model.params, config, mesh, args.rules), mesh
     if args.tokenizer:
         try:
@@ -159,23 +158,16 @@ def context_len(model: Any, args: argparse.Namespace, resident: bool = False) ->
 
 
 def make_scheduler(
-    model: Any, args: argparse.Namespace, max_len: int, slots: int, max_waiting: int = 1024
+    model: Model, args: argparse.Namespace, max_len: int, slots: int, max_waiting: int = 1024
 ) -> Scheduler:
-    engine = Engine(
-        model.config,
-        model.params,
+    return scheduler_for(
+        model,
         slots=slots,
         max_len=max_len,
+        max_waiting=max_waiting,
         prefill_chunk=args.prefill_chunk,
         steps_per_call=args.steps_per_call,
-        mesh=model.mesh,
         rules=args.rules,
-    )
-    return Scheduler(
-        engine,
-        tokenizer=model.tokenizer,
-        default_stop_ids=default_stop_ids(model.config, model.tokenizer),
-        max_waiting=max_waiting,
     )
 
 
@@ -215,8 +207,6 @@ def read_jobs(
     path: str, model: Any, args: argparse.Namespace
 ) -> list[tuple[list[int], SamplingParams]]:
     """(prompt ids, sampling) per line of a JSONL file; a line may override sampling fields."""
-    from llama_jax.chat import encode_dialog
-
     jobs = []
     try:
         lines = Path(path).read_text().splitlines()
@@ -313,8 +303,6 @@ def result_json(r: Request) -> dict[str, Any]:
 def run_chat(model: Any, args: argparse.Namespace) -> None:
     """Read user turns from stdin, stream the assistant's replies. `/reset` forgets the
     conversation, `/tool TEXT` answers a tool call with its result, `/exit` (or EOF) quits."""
-    from llama_jax.chat import encode_dialog, parse_assistant
-
     tok = need_tokenizer(model, args, "--chat")
     tools = load_tools(args.tools)
     params = sampling_from(args)
@@ -396,23 +384,49 @@ def chat_turn(
     return request, streamed
 
 
+# --- `python -m llama_jax.infer serve` -----------------------------------------------------
+
+
+def server_parser() -> Parser:
+    p = Parser(prog=f"{PROG} serve", description="OpenAI-compatible HTTP server.")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", help="model id reported and accepted (default: the dir name)")
+    p.add_argument("--max-body-bytes", type=positive, default=Limits.max_body_bytes)
+    p.add_argument("--max-tokens", type=positive, help="max_tokens bound (default: the context)")
+    p.add_argument("--max-waiting", type=positive, default=64,
+                   help="queued requests beyond the decode slots; more get 429 (default 64)")  # fmt: skip
+    return p
+
+
+def serve(model: Model, args: argparse.Namespace) -> None:
+    """Build the app of `infer.server` over the model and run it until interrupted."""
+    context = context_len(model, args, resident=True)
+    scheduler = make_scheduler(model, args, context, args.max_batch, args.max_waiting)
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens or context)
+    name = args.model_name or (Path(args.checkpoint).name if args.checkpoint else args.preset)
+    app = create_app(scheduler, model_name=name, limits=limits)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        limit_concurrency=args.max_batch + args.max_waiting + 16,
+        log_level="info" if args.verbose else "warning",
+    )
+
+
 # --- entry point ---------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from llama_jax.checkpoint.errors import CheckpointError
-    from llama_jax.config import ConfigError
-    from sharding.mesh import ShardingError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     compile_cache.enable()
     try:
         if argv[:1] == ["serve"]:
-            from infer.server import serve_main, server_parser
-
             args = server_parser().parse_args(argv[1:])
             setup_logging(args.verbose)
-            serve_main(args, load_model(args))
+            serve(load_model(args), args)
         else:
             args = generation_parser().parse_args(argv)
             setup_logging(args.verbose)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infer.layer_views import unstack_layers
 from infer.sampling import (
     NO_LOGPROBS,
     Sampled,
@@ -33,7 +34,9 @@ from infer.sampling import (
 )
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import CACHE_AXES, KVCache
-from llama_jax.model import Params, forward, unstack_layers
+from llama_jax.model import Params, forward
+from sharding.place import cache_shardings
+from sharding.rules import logical_to_spec, split_size, with_rules
 
 log = logging.getLogger("llama_jax.infer")
 
@@ -107,8 +110,6 @@ def _jitted(mesh: jax.sharding.Mesh | None, rules: str) -> dict:
     Cached, so compiled code outlives an engine (each `model.generate` call builds one)."""
     if mesh is None:
         return _jit_all()
-    from sharding.rules import with_rules
-
     return _jit_all(lambda f: with_rules(f, mesh, rules))
 
 
@@ -155,7 +156,10 @@ class Engine:
     ) -> None:
         self.config = config
         self.params = engine_params(params, mesh)
-        self.slots = slots if mesh is None else _round_to_batch_split(slots, mesh, rules)
+        # The slots fill the cache's batch dimension, which must divide over the mesh axes the
+        # rules split it over.
+        split = 1 if mesh is None else split_size(CACHE_AXES[1], mesh, rules)
+        self.slots = -(-slots // split) * split
         self.max_len = min(max_len or config.max_seq_len, config.max_seq_len)
         if self.max_len < 2:
             raise EngineError(f"max_len must be >= 2, got {self.max_len}")
@@ -178,8 +182,6 @@ class Engine:
         zeros = functools.partial(KVCache.zeros, self.config, self.slots, self.max_len)
         if mesh is None:  # eager zeros: a jit of this fresh partial would compile every time
             return _jitted(None, ""), DecodeState(zeros(), jnp.zeros((self.slots,), jnp.int32))
-        from sharding.place import cache_shardings
-
         shardings = cache_shardings(
             KVCache.abstract(self.config, self.slots, self.max_len), mesh, rules
         )
@@ -305,12 +307,9 @@ class Engine:
 
 
 def engine_params(params: Params, mesh: jax.sharding.Mesh | None) -> Params:
-    """The weights as the engine reads them: per-layer arrays on CPU (see `unstack_layers`).
-
-    Why: XLA's CPU backend copies each layer's weights out of the stacked arrays on every step,
-    which made bench-155m's batch-1 decode step a quarter slower (24 ms vs 18 ms). The per-layer
-    arrays are views of the stacked ones, so this costs neither memory nor time per engine.
-    """
+    """The weights as the engine reads them: per-layer arrays on CPU (see `infer.layer_views`
+    for why). The per-layer arrays are views of the stacked ones, so this costs neither memory
+    nor time per engine."""
     if mesh is None and jax.default_backend() == "cpu":
         return unstack_layers(params)
     return params
@@ -322,20 +321,8 @@ def _n_top(wants) -> int | None:
     return None if level == NO_LOGPROBS else level
 
 
-def _round_to_batch_split(slots: int, mesh, rules) -> int:
-    """`slots` rounded up to a multiple of the mesh axes the rules split the cache batch over."""
-    from sharding.rules import get_rules
-
-    split = 1
-    for axis in get_rules(rules)["cache_batch"]:
-        split *= dict(mesh.shape).get(axis, 1)
-    return -(-slots // split) * split
-
-
 def _prefill_cache_spec(mesh, rules) -> jax.sharding.PartitionSpec:
     """The prefill cache is sharded like the decode cache except over rows (a prefill batch is
     small and need not divide the data axes)."""
-    from sharding.rules import logical_to_spec
-
     names = (CACHE_AXES[0], None, *CACHE_AXES[2:])
     return logical_to_spec(names, dict(mesh.shape), rules)

@@ -13,14 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from infer.batching import Request, Scheduler
-from infer.engine import Engine, bucket
+from infer.batching import Request, scheduler_for
+from infer.engine import bucket
 from infer.sampling import SamplingParams
-from llama_jax.config import LlamaConfig
-
-LLAMA3_BASE_VOCAB = 128000
-# <|end_of_text|>, <|eom_id|>, <|eot_id|> as offsets from the end of the base vocabulary.
-LLAMA3_STOP_OFFSETS = (1, 8, 9)
 
 
 @dataclass
@@ -48,16 +43,6 @@ class Completion:
             top_logprobs=request.top_logprobs if request.params.top_logprobs else None,
             timings=request.timings.as_dict(len(request.token_ids)),
         )
-
-
-def default_stop_ids(config: LlamaConfig, tokenizer: Any) -> tuple[int, ...]:
-    """The tokenizer's stop tokens; without a tokenizer, Llama 3's ids when the vocabulary has
-    Llama 3's special-token block, else none."""
-    if tokenizer is not None:
-        return tuple(tokenizer.stop_tokens)
-    if config.vocab_size >= LLAMA3_BASE_VOCAB + 256:
-        return tuple(LLAMA3_BASE_VOCAB + o for o in LLAMA3_STOP_OFFSETS)
-    return ()
 
 
 def encode_prompts(prompts: Any, tokenizer: Any) -> tuple[list[list[int]], bool]:
@@ -101,21 +86,13 @@ def generate(
     """
     params = SamplingParams(**sampling)
     ids, single = encode_prompts(prompts, model.tokenizer)
-    config = model.config
     needed = max(map(len, ids)) + params.max_new_tokens
-    engine = Engine(
-        config,
-        model.params,
+    scheduler = scheduler_for(
+        model,
         slots=bucket(len(ids), 1, max_batch),
-        max_len=max_len or bucket(needed, 64, config.max_seq_len),
-        steps_per_call=steps_per_call,
-        mesh=getattr(model, "mesh", None),
-    )
-    scheduler = Scheduler(
-        engine,
-        tokenizer=model.tokenizer,
-        default_stop_ids=default_stop_ids(config, model.tokenizer),
+        max_len=max_len or bucket(needed, 64, model.config.max_seq_len),
         max_waiting=len(ids),
+        steps_per_call=steps_per_call,
     )
     requests = [scheduler.submit(p, params) for p in ids]
     scheduler.run_until_done(requests)

@@ -9,7 +9,6 @@ request cancelled, which frees its decode slot at the next scheduler step.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -19,7 +18,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -40,6 +38,7 @@ from infer.protocol import (
 )
 from infer.sampling import SamplingError, SamplingParams
 from infer.tools import check_tools, may_be_tool_call, with_tools
+from llama_jax.chat import encode_dialog, parse_assistant
 
 log = logging.getLogger("llama_jax.infer.server")
 
@@ -205,8 +204,6 @@ class API:
     # --- /v1/chat/completions --------------------------------------------------------------
 
     async def chat(self, body: ChatRequest, http: HTTPRequest):
-        from llama_jax.chat import encode_dialog, parse_assistant
-
         tok = self._need_tokenizer("chat")
         tools = []
         try:
@@ -377,40 +374,3 @@ def create_app(scheduler: Scheduler, *, model_name: str, limits: Limits = Limits
     app.post("/v1/completions")(api.completions)
     app.post("/v1/chat/completions")(api.chat)
     return app
-
-
-# --- `python -m llama_jax.infer serve` -----------------------------------------------------
-
-
-def server_parser() -> argparse.ArgumentParser:
-    from infer.cli import PROG, Parser, add_model_args, positive
-
-    p = Parser(prog=f"{PROG} serve", description="OpenAI-compatible HTTP server.")
-    add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model-name", help="model id reported and accepted (default: the dir name)")
-    p.add_argument("--max-body-bytes", type=positive, default=Limits.max_body_bytes)
-    p.add_argument("--max-tokens", type=positive, help="max_tokens bound (default: the context)")
-    p.add_argument("--max-waiting", type=positive, default=64,
-                   help="queued requests beyond the decode slots; more get 429 (default 64)")  # fmt: skip
-    return p
-
-
-def serve_main(args: argparse.Namespace, model: Any) -> None:
-    from pathlib import Path
-
-    from infer.cli import context_len, make_scheduler
-
-    context = context_len(model, args, resident=True)
-    scheduler = make_scheduler(model, args, context, args.max_batch, args.max_waiting)
-    limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens or context)
-    name = args.model_name or (Path(args.checkpoint).name if args.checkpoint else args.preset)
-    app = create_app(scheduler, model_name=name, limits=limits)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        limit_concurrency=args.max_batch + args.max_waiting + 16,
-        log_level="info" if args.verbose else "warning",
-    )

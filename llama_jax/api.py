@@ -50,9 +50,6 @@ class Model:
 
         return generate(self, prompts, **sampling)
 
-    def num_params(self) -> int:
-        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
-
 
 def _logits(params, tokens, positions, segment_ids, *, config):
     return forward(params, tokens, positions, segment_ids, config=config)[0]

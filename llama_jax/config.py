@@ -99,11 +99,6 @@ class LlamaConfig:
             raise ConfigError(f"unknown config fields {sorted(unknown)}")
         return cls(**d)
 
-    @property
-    def n_rep(self) -> int:
-        """Query heads per KV head (grouped-query attention)."""
-        return self.n_heads // self.n_kv_heads
-
     def param_count(self) -> int:
         """Exact parameter count, from shapes alone."""
         d, L = self.dim, self.n_layers

@@ -1,14 +1,17 @@
 """The Llama 3.x transformer in Flax NNX, pure at the jit boundary.
 
 `Transformer` owns parameters (each tagged with logical axis names for the sharding rules); the
-layer stack is stored stacked along a leading `layers` axis and run with `jax.lax.scan`, so
-compile time does not grow with depth. Outside code works with plain nested dicts of arrays
-("params", the `nnx.split` state as a pure dict) and calls the pure function `forward`.
+layer stack is stored stacked along a leading `layers` axis and run by `run_layers`, a
+`jax.lax.scan`, so compile time does not grow with depth. Outside code works with plain nested
+dicts of arrays ("params", the `nnx.split` state as a pure dict) and calls the pure function
+`forward`. Weights are cast to the compute dtype once per layer (`cast_for_compute`), inside
+the rematerialised layer function; the modules' matmuls use them as they come.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import cache, partial
 from typing import Any, NamedTuple
 
@@ -20,20 +23,13 @@ from flax import nnx
 from llama_jax import splash
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import KVCache
-from llama_jax.partitioning import constrain
+from llama_jax.partitioning import BATCH, EMBED, HEADS, KV_HEADS, LENGTH, MLP, VOCAB, constrain
 from llama_jax.rope import apply_rotary, rotary_tables
 
 Params = dict[str, Any]
 
 INIT_STD = 0.02
 
-BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
-HEADS, KV_HEADS, MLP, VOCAB = (
-    "activation_heads",
-    "activation_kv_heads",
-    "activation_mlp",
-    "activation_vocab",
-)
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -65,7 +61,7 @@ def _bf16_rounded(w: jax.Array) -> jax.Array:
 
     Why: XLA's TPU compiler moves a plain `convert` of a layer's weights out of the layer loop,
     converting every layer at once; that copy then lives through the forward and backward
-    passes (3.3 GiB per chip for Llama 3.1-8B on 4 chips, more than any activation). Integer
+    passes (for Llama 3.1-8B on 4 chips, more memory than any activation). Integer
     ops on the bits are not moved, so one layer is converted at a time. The result is the same
     round-to-nearest-even as `astype`; NaNs stay NaN.
     """
@@ -90,9 +86,9 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
     as one 2-D matmul: `[batch * time, c] @ [c, out]`.
 
     Why not `einsum("btd,df->btf")`: its weight gradient contracts two axes (batch and time),
-    and XLA's CPU backend first transposes the incoming gradient to merge them. For the output
-    head that is a 525 MB copy per training step at batch 4 x 256 (a third slower fwd+bwd of
-    the head). With the leading axes flattened every matmul and its gradients are plain 2-D.
+    and XLA's CPU backend first transposes the incoming gradient to merge them; for the output
+    head that is a copy of the whole [tokens, vocab] gradient per step. With the leading axes
+    flattened every matmul and its gradients are plain 2-D.
     """
     lead, inner = x.shape[: x.ndim - contract], w.shape[:contract]
     k = math.prod(inner)
@@ -106,7 +102,7 @@ class LayerCache(NamedTuple):
     The layer writes only its new tokens into the stacked arrays (a scatter at `layer`, `rows`,
     `slots`) and then reads its slice. Slicing the layer out first and writing the whole slice
     back moved the full slice per layer per step, and with per-layer weights XLA:CPU copied the
-    whole stacked cache several times per layer (bench-155m: 4 MB per layer per decode step).
+    whole stacked cache several times per layer.
     """
 
     k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
@@ -137,8 +133,8 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array)
 
     The queries sharing a KV head are laid out as one [group * t, hd] matrix, so both products
     are plain batched matmuls over (b, kv). Written as one 5-d einsum instead, XLA:CPU moved
-    every [t, s] score matrix to another layout before the second product: attention over 512
-    tokens took twice as long (bench-155m prefill, 12 ms -> 6 ms per layer).
+    every [t, s] score matrix to another layout before the second product, which doubled the
+    time of attention over a 512-token prefill.
     """
     b, t, h, hd = q.shape
     kv = k.shape[2]
@@ -176,9 +172,9 @@ class Attention(nnx.Module):
         tokens, or with a cache the cache's slots after this call's tokens are written.
         `Documents` instead: no cache, the splash kernel."""
         dt = x.dtype
-        q = dense(x, self.wq[...].astype(dt))
-        k = dense(x, self.wk[...].astype(dt))
-        v = dense(x, self.wv[...].astype(dt))
+        q = dense(x, self.wq[...])
+        k = dense(x, self.wk[...])
+        v = dense(x, self.wv[...])
         q = constrain(q, (BATCH, LENGTH, HEADS, None))
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
@@ -196,9 +192,9 @@ class Attention(nnx.Module):
             k, v = constrain(k, kv_layout), constrain(v, kv_layout)
             out = splash.splash_attention(q, k, v, mask.segment_ids)
             out = constrain(out, (BATCH, LENGTH, HEADS, None))
-            return dense(out, self.wo[...].astype(dt), contract=2), cache
+            return dense(out, self.wo[...], contract=2), cache
         out = grouped_attention(q, k.astype(dt), v.astype(dt), mask)
-        return dense(out, self.wo[...].astype(dt), contract=2), cache
+        return dense(out, self.wo[...], contract=2), cache
 
 
 class FeedForward(nnx.Module):
@@ -211,16 +207,15 @@ class FeedForward(nnx.Module):
         self.w2 = _param(rngs, (L, f, d), ("layers", "mlp", "embed"), pd)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dt = x.dtype
-        gate = dense(x, self.w1[...].astype(dt))
-        up = dense(x, self.w3[...].astype(dt))
+        gate = dense(x, self.w1[...])
+        up = dense(x, self.w3[...])
         h = constrain(jax.nn.silu(gate) * up, (BATCH, LENGTH, MLP))
-        return dense(h, self.w2[...].astype(dt))
+        return dense(h, self.w2[...])
 
 
 class Block(nnx.Module):
-    """One transformer layer. Built with stacked (leading `layers` axis) parameters; called on
-    one layer's slice inside the scan."""
+    """One transformer layer. Built with stacked (leading `layers` axis) parameters; called
+    (by `run_layers`) on one layer's weights, already in the compute dtype."""
 
     def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
         self.attention_norm = _ones((c.n_layers, c.dim), ("layers", "norm"), c.param_dtype)
@@ -237,7 +232,9 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Embedding, the scanned layer stack, final norm and output head (tied or not)."""
+    """The parameters of a whole model: embedding, the layer stack (one `Block` with stacked
+    weights), final norm and output head (absent when tied to the embedding). Run it with
+    `forward` on its pure-dict state, or call it."""
 
     def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
         c, pd = config, config.param_dtype
@@ -248,100 +245,50 @@ class Transformer(nnx.Module):
         if not c.tie_embeddings:
             self.output = _param(rngs, (c.dim, c.vocab_size), ("embed", "vocab"), pd)
 
-    def __call__(
-        self,
-        tokens: jax.Array,
-        positions: jax.Array,
-        segment_ids: jax.Array | None = None,
-        cache: KVCache | None = None,
-        *,
-        last_only: bool = False,
-        per_layer: tuple[Params, ...] | None = None,
-        hidden_only: bool = False,
-    ) -> tuple[jax.Array, KVCache | None]:
-        """`per_layer`: each layer's weights as separate arrays (see `unstack_layers`); the
-        stacked `self.layers` is then only the modules' structure. `hidden_only`: return the
-        final-normed hidden states instead of logits (see `forward`)."""
-        c = self.config
-        dt = jnp.dtype(c.compute_dtype)
-        x = jnp.take(self.tok_embeddings[...], tokens, axis=0).astype(dt)
-        x = constrain(x, (BATCH, LENGTH, EMBED))
-        rope = rotary_tables(c, positions)
-        if cache is None:
-            if attention_kernel(c, tokens.shape[1]) == "splash":
-                mask = Documents(segment_ids)
-            else:
-                mask = attention_mask(segment_ids, tokens.shape)
-            x = self._scan_layers(x, rope, mask, per_layer)
-            new_cache = None
-        else:
-            x, new_cache = self._scan_layers_cached(x, rope, segment_ids, cache, per_layer)
-        if last_only:
-            x = _last_valid(x, segment_ids)
-        x = rms_norm(x, self.norm[...], c.norm_eps)
-        if hidden_only:
-            return x, new_cache
-        return self.logits(x), new_cache
+    def __call__(self, tokens: jax.Array, **kwargs: Any) -> tuple[jax.Array, KVCache | None]:
+        """`forward` over this module's own parameters (same keywords)."""
+        return forward(nnx.to_pure_dict(nnx.state(self)), tokens, config=self.config, **kwargs)
 
-    def logits(self, x: jax.Array) -> jax.Array:
-        """Output head: final-normed hidden states -> float32 logits."""
-        c = self.config
-        head = self.tok_embeddings[...].T if c.tie_embeddings else self.output[...]
-        logits = dense(x, head.astype(x.dtype)).astype(jnp.float32)
-        return constrain(logits, (BATCH, LENGTH, VOCAB))
 
-    def _over_layers(self, body, carry, per_layer: tuple[Params, ...] | None):
-        """`carry = body(one_layer, carry, layer_weights, i)` for each layer: a `scan` over the
-        stacked weights (compile time independent of depth), or a Python loop over per-layer
-        weights (see `unstack_layers` for why)."""
-        c = self.config
-        dt = jnp.dtype(c.compute_dtype)
-        graphdef, stacked = nnx.split(self.layers)
+# A stacked weight tree (leading `layers` axis) or one tree per layer.
+Layers = Params | Sequence[Params]
 
-        def one_layer(layer_state, x, rope, mask, cache):
-            # Cast here, inside the rematerialised function: the backward pass then keeps the
-            # scanned float32 input itself, not a stacked compute-dtype copy of every layer.
-            layer_state = jax.tree.map(partial(cast_for_compute, dtype=dt), layer_state)
-            return nnx.merge(graphdef, layer_state)(c, x, rope, mask, cache)
 
-        if c.remat != "none":
-            one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[c.remat])
-        if per_layer is not None:
-            for i, layer_state in enumerate(per_layer):
-                carry = body(one_layer, carry, layer_state, i)
-            return carry
+def run_layers(
+    c: LlamaConfig,
+    layers: Layers,
+    x: jax.Array,
+    rope: tuple[jax.Array, jax.Array],
+    mask: jax.Array | Documents,
+    cache: LayerCache | None = None,
+) -> tuple[jax.Array, LayerCache | None]:
+    """`x` through every layer: a `scan` over stacked weights (compile time independent of
+    depth), or a Python loop over a sequence of per-layer weight trees (unrolled; CPU engines
+    use this form, see `infer.layer_views`). With a `cache`, every layer writes its new tokens
+    into the stacked cache arrays, which ride in the carry."""
+    dt = jnp.dtype(c.compute_dtype)
+    block = _block_graphdef(c)
+
+    def one_layer(weights: Params, x: jax.Array, kv: tuple | None, i: jax.Array | int):
+        # Cast here, inside the rematerialised function: the backward pass then keeps the
+        # float32 weights themselves, not a stacked compute-dtype copy of every layer.
+        weights = jax.tree.map(partial(cast_for_compute, dtype=dt), weights)
+        layer_cache = None if kv is None else cache._replace(k=kv[0], v=kv[1], layer=i)
+        x, layer_cache = nnx.merge(block, weights)(c, x, rope, mask, layer_cache)
+        return x, None if layer_cache is None else (layer_cache.k, layer_cache.v)
+
+    if c.remat != "none":
+        one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[c.remat])
+    carry = (x, None if cache is None else (cache.k, cache.v))
+    if isinstance(layers, Sequence):
+        for i, weights in enumerate(layers):
+            carry = one_layer(weights, *carry, i)
+    else:
         layer_ids = jnp.arange(c.n_layers, dtype=jnp.int32)
-
-        def scan_body(carry, xs):
-            return body(one_layer, carry, *xs), None
-
-        return jax.lax.scan(scan_body, carry, (stacked, layer_ids))[0]
-
-    def _scan_layers(self, x, rope, mask, per_layer):
-        def body(one_layer, h, layer_state, i):
-            return one_layer(layer_state, h, rope, mask, None)[0]
-
-        return self._over_layers(body, x, per_layer)
-
-    def _scan_layers_cached(self, x, rope, segment_ids, cache: KVCache, per_layer):
-        """The whole cache rides in the carry; each layer writes its new tokens into it."""
-        b, t = x.shape[:2]
-        slots = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
-        key_slots = jnp.arange(cache.max_len, dtype=jnp.int32)
-        mask = key_slots[None, None, :] <= slots[:, :, None]
-        rows = jnp.arange(b, dtype=jnp.int32)[:, None]
-
-        def body(one_layer, carry, layer_state, i):
-            h, ck, cv = carry
-            h, layer = one_layer(layer_state, h, rope, mask, LayerCache(ck, cv, i, rows, slots))
-            return h, layer.k, layer.v
-
-        x, k, v = self._over_layers(body, (x, cache.k, cache.v), per_layer)
-        if segment_ids is None:
-            advance = jnp.full((b,), t, jnp.int32)
-        else:
-            advance = jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
-        return x, KVCache(k, v, cache.lengths + advance)
+        step = lambda carry, xs: (one_layer(xs[0], *carry, xs[1]), None)  # noqa: E731
+        carry = jax.lax.scan(step, carry, (layers, layer_ids))[0]
+    x, kv = carry
+    return x, None if kv is None else cache._replace(k=kv[0], v=kv[1])
 
 
 def attention_mask(segment_ids: jax.Array | None, shape: tuple[int, int]) -> jax.Array:
@@ -368,6 +315,12 @@ def _last_valid(x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
 @cache
 def _abstract(config: LlamaConfig) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(0))))
+
+
+@cache
+def _block_graphdef(config: LlamaConfig) -> nnx.GraphDef:
+    """The structure of one layer (`Block`): any layer's weights merge into it."""
+    return nnx.split(nnx.eval_shape(lambda: Block(config, nnx.Rngs(0))))[0]
 
 
 def graphdef(config: LlamaConfig) -> nnx.GraphDef:
@@ -410,64 +363,49 @@ def forward(
     """Logits float32 [batch, time, vocab] (or [batch, 1, vocab] with `last_only`) and the
     updated cache. Pure: jit it with `config` static.
 
-    `positions` default to 0..T-1 (continuing from the cache's lengths when a cache is given).
-    `segment_ids` separate packed documents; 0 marks right padding. `hidden_only` returns the
-    final-normed hidden states [batch, time, dim] in the compute dtype instead of logits, for
-    callers that apply the head piecewise (`output_logits`), e.g. a chunked training loss.
+    `params["layers"]` is stacked (as stored) or a sequence of per-layer trees (see
+    `run_layers`). `positions` default to 0..T-1 (continuing from the cache's lengths when a
+    cache is given). `segment_ids` separate packed documents; 0 marks right padding.
+    `hidden_only` returns the final-normed hidden states [batch, time, dim] in the compute
+    dtype instead of logits, for callers that apply the head piecewise (`output_logits`), e.g.
+    a chunked training loss.
     """
+    c = config
+    b, t = tokens.shape
     if positions is None:
         start = 0 if cache is None else cache.lengths[:, None]
-        positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-        positions = jnp.broadcast_to(positions, tokens.shape)
-    per_layer = params["layers"] if isinstance(params["layers"], list | tuple) else None
-    if per_layer is not None:  # any layer's weights give the modules their structure
-        params = {**params, "layers": per_layer[0]}
-    model = nnx.merge(graphdef(config), params)
-    return model(
-        tokens,
-        positions,
-        segment_ids,
-        cache,
-        last_only=last_only,
-        per_layer=per_layer,
-        hidden_only=hidden_only,
-    )
+        positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
+    x = jnp.take(params["tok_embeddings"], tokens, axis=0).astype(c.compute_dtype)
+    x = constrain(x, (BATCH, LENGTH, EMBED))
+    rope = rotary_tables(c, positions)
+    if cache is None:
+        if attention_kernel(c, t) == "splash":
+            mask: jax.Array | Documents = Documents(segment_ids)
+        else:
+            mask = attention_mask(segment_ids, (b, t))
+        x, _ = run_layers(c, params["layers"], x, rope, mask)
+        new_cache = None
+    else:
+        slots = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
+        mask = jnp.arange(cache.max_len, dtype=jnp.int32)[None, None, :] <= slots[:, :, None]
+        rows = jnp.arange(b, dtype=jnp.int32)[:, None]
+        layer_cache = LayerCache(cache.k, cache.v, 0, rows, slots)
+        x, layer_cache = run_layers(c, params["layers"], x, rope, mask, layer_cache)
+        if segment_ids is None:
+            advance = jnp.full((b,), t, jnp.int32)
+        else:
+            advance = jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
+        new_cache = KVCache(layer_cache.k, layer_cache.v, cache.lengths + advance)
+    if last_only:
+        x = _last_valid(x, segment_ids)
+    x = rms_norm(x, params["norm"], c.norm_eps)
+    if hidden_only:
+        return x, new_cache
+    return output_logits(params, x, config=c), new_cache
 
 
 def output_logits(params: Params, hidden: jax.Array, *, config: LlamaConfig) -> jax.Array:
-    """float32 logits of final-normed hidden states (`forward(..., hidden_only=True)`)."""
-    return nnx.merge(graphdef(config), params).logits(hidden)
-
-
-def unstack_layers(params: Params) -> Params:
-    """The same weights with `layers` as a tuple of per-layer trees, each in arrays of its own.
-
-    `forward` accepts this form for inference on CPU. Why: XLA's CPU matmuls read whole buffers,
-    so in the scan over stacked layers each layer's weights are first copied out of the stacked
-    arrays, an extra read and write of every layer weight per decode step. Decoding is bound by
-    memory traffic; with separate arrays each matmul reads its weights in place (for bench-155m
-    a decode step is about a quarter faster). The layers are then unrolled in the compiled code.
-    Training, checkpoints and sharding keep the stacked form.
-
-    A stacked array on one CPU device is split into views of its own memory (see `_layer_views`),
-    so the per-layer form costs no memory and no copying; other arrays are sliced (copies).
-    """
-    leaves, treedef = jax.tree.flatten(params["layers"])
-    split = [_layer_views(x) or list(x) for x in leaves]
-    per_layer = tuple(treedef.unflatten(layer) for layer in zip(*split, strict=True))
-    return {**params, "layers": per_layer}
-
-
-def _layer_views(x: jax.Array) -> list[jax.Array] | None:
-    """`x[i]` for each i as arrays aliasing `x`'s buffer, when `x` lives on one CPU device.
-
-    `np.asarray` of a CPU array is a view of its buffer, and `device_put` of a contiguous,
-    aligned numpy array adopts that memory instead of copying it; each view keeps `x`'s buffer
-    alive. While views exist, a jitted call asked to donate `x` does not (XLA sees the external
-    references), so nothing overwrites the views' memory. None where this does not apply.
-    """
-    devices = x.sharding.device_set
-    if len(devices) != 1 or next(iter(devices)).platform != "cpu":
-        return None
-    host = np.asarray(x)
-    return [jax.device_put(host[i], x.sharding) for i in range(x.shape[0])]
+    """Output head: final-normed hidden states -> float32 logits."""
+    head = params["tok_embeddings"].T if config.tie_embeddings else params["output"]
+    logits = dense(hidden, head.astype(hidden.dtype)).astype(jnp.float32)
+    return constrain(logits, (BATCH, LENGTH, VOCAB))

@@ -14,6 +14,19 @@ from collections.abc import Callable, Iterator, Sequence
 
 import jax
 
+# The logical names of activations (the rule table in `sharding.rules` maps them to mesh axes).
+BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
+HEADS, KV_HEADS, MLP, VOCAB = (
+    "activation_heads",
+    "activation_kv_heads",
+    "activation_mlp",
+    "activation_vocab",
+)
+# Inside the splash kernel's shard_map: a sequence split there becomes a heads split.
+ATTENTION_HEADS = "activation_attention_heads"
+# Input batches [batch, length] (tokens, targets, positions, segment ids, loss masks).
+BATCH_AXES = (BATCH, LENGTH)
+
 Resolver = Callable[[Sequence[str | None]], "jax.sharding.Sharding | None"]
 
 _resolver: contextvars.ContextVar[Resolver | None] = contextvars.ContextVar(

@@ -24,10 +24,9 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama_jax.partitioning import sharding_for
+from llama_jax.partitioning import ATTENTION_HEADS as HEADS
+from llama_jax.partitioning import BATCH, sharding_for
 
-BATCH = "activation_batch"
-HEADS = "activation_attention_heads"
 BLOCK = 512  # tile edge (tokens) of the kernel's q and kv blocks
 MIN_BLOCK = 128  # the kernel's smallest tile: sequences must be a multiple of it
 

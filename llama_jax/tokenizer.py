@@ -3,7 +3,8 @@
 Both files describe the same byte-level BPE: Meta's as `<base64 bytes> <rank>` lines, HF's as a
 vocab whose keys are bytes spelled with GPT-2's byte-to-unicode alphabet. Both are turned into
 tiktoken mergeable ranks here (tiktoken merges by rank, so the ids are identical), and the 256
-Llama 3 special tokens sit right after the base vocabulary (ids 128000..128255).
+Llama 3 special tokens sit right after the base vocabulary (ids 128000..128255). A byte-level
+tokenizer with the same special tokens serves small test models.
 """
 
 from __future__ import annotations
@@ -57,8 +58,47 @@ SPECIAL_TOKEN_NAMES: tuple[str, ...] = _NAMED_SPECIAL + tuple(
 
 AllowedSpecial = Literal["all"] | set[str] | frozenset[str]
 
+# Meta's Llama 3 base vocabulary; its special tokens follow it.
+LLAMA3_BASE_VOCAB = 128_000
 
-class Tokenizer:
+
+def _special_id(base: int, name: str) -> int:
+    return base + SPECIAL_TOKEN_NAMES.index(name)
+
+
+def _stop_ids(base: int) -> tuple[int, ...]:
+    """<|eot_id|> ends a turn, <|eom_id|> a tool-call message, <|end_of_text|> the text."""
+    return tuple(_special_id(base, n) for n in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"))
+
+
+def default_stop_ids(tokenizer: Any, vocab_size: int) -> tuple[int, ...]:
+    """The tokenizer's stop tokens; without a tokenizer, Llama 3's ids when the vocabulary has
+    Llama 3's base vocabulary and special-token block, else none."""
+    if tokenizer is not None:
+        return tuple(tokenizer.stop_tokens)
+    if vocab_size >= LLAMA3_BASE_VOCAB + NUM_SPECIAL_TOKENS:
+        return _stop_ids(LLAMA3_BASE_VOCAB)
+    return ()
+
+
+class _SpecialIds:
+    """The named special-token ids, fixed by the Llama 3 layout: the base vocabulary's size
+    plus the token's place in `SPECIAL_TOKEN_NAMES`."""
+
+    def _name_special_ids(self, base: int) -> None:
+        self.bos_id = _special_id(base, "<|begin_of_text|>")
+        self.eos_id = _special_id(base, "<|end_of_text|>")
+        self.pad_id = _special_id(base, "<|finetune_right_pad_id|>")
+        self.start_header_id = _special_id(base, "<|start_header_id|>")
+        self.end_header_id = _special_id(base, "<|end_header_id|>")
+        self.eom_id = _special_id(base, "<|eom_id|>")
+        self.eot_id = _special_id(base, "<|eot_id|>")
+        self.python_tag_id = _special_id(base, "<|python_tag|>")
+        self.image_id = _special_id(base, "<|image|>")
+        self.stop_tokens: tuple[int, ...] = _stop_ids(base)
+
+
+class Tokenizer(_SpecialIds):
     """Llama 3 BPE tokenizer with Meta's special tokens and long-input guards.
 
     `path` is Meta's `tokenizer.model` or, if it ends in `.json`, an HF `tokenizer.json`.
@@ -83,18 +123,8 @@ class Tokenizer:
             mergeable_ranks=ranks,
             special_tokens=self.special_tokens,
         )
-        base = len(ranks)
         self.n_words: int = self.encoding.n_vocab
-        self.bos_id = base + 0
-        self.eos_id = base + 1
-        self.pad_id = base + 4
-        self.start_header_id = base + 6
-        self.end_header_id = base + 7
-        self.eom_id = base + 8
-        self.eot_id = base + 9
-        self.python_tag_id = base + 10
-        self.image_id = base + 11
-        self.stop_tokens: tuple[int, ...] = (self.eot_id, self.eom_id, self.eos_id)
+        self._name_special_ids(len(ranks))
 
     def encode(
         self,
@@ -248,6 +278,52 @@ def find_tokenizer(checkpoint_dir: str | Path) -> Tokenizer | None:
         if (root / rel).is_file():
             return Tokenizer(root / rel)
     return None
+
+
+class ByteTokenizer(_SpecialIds):
+    """UTF-8 bytes as ids 0..255, then the 256 Llama 3 special tokens (ids 256..511).
+
+    For small-vocabulary models (the `tiny` presets have 512 ids) and machines without Meta's
+    `tokenizer.model`. It has the attributes of `Tokenizer`, so the chat format and the data
+    pipeline use either unchanged.
+    """
+
+    n_words = 256 + NUM_SPECIAL_TOKENS
+
+    def __init__(self) -> None:
+        self.special_tokens = {name: 256 + i for i, name in enumerate(SPECIAL_TOKEN_NAMES)}
+        self._name_special_ids(256)
+
+    def encode(
+        self,
+        text: str,
+        bos: bool = False,
+        eos: bool = False,
+        allowed_special: AllowedSpecial = frozenset(),
+    ) -> list[int]:
+        """UTF-8 bytes; special-token names listed in `allowed_special` (or "all") become their
+        ids, as with `Tokenizer.encode`."""
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        ids = [self.bos_id] * bos
+        pattern = "|".join(re.escape(name) for name in sorted(allowed))
+        pos = 0
+        for match in re.finditer(pattern, text) if pattern else ():
+            ids += text[pos : match.start()].encode("utf-8")
+            ids.append(self.special_tokens[match.group()])
+            pos = match.end()
+        return ids + list(text[pos:].encode("utf-8")) + [self.eos_id] * eos
+
+    def decode(self, ids: Sequence[int]) -> str:
+        out, pending = [], bytearray()
+        for i in ids:
+            if i < 256:
+                pending.append(i)
+                continue
+            out.append(pending.decode("utf-8", errors="replace"))
+            pending.clear()
+            out.append(SPECIAL_TOKEN_NAMES[i - 256])
+        out.append(pending.decode("utf-8", errors="replace"))
+        return "".join(out)
 
 
 class StreamingDetokenizer:

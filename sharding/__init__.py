@@ -6,7 +6,8 @@
 - `sharding.place`: params, train/optimizer state, batches and KV caches onto a mesh.
 - `sharding.distributed`: multi-host start-up and per-process batch feeding.
 - `python -m sharding.aot`: compile a train/decode step for a TPU topology on a CPU machine.
-- `python -m sharding.golden`: check/regenerate the committed per-parameter specs.
+- `python -m sharding.golden`: check/regenerate the committed per-parameter specs
+  (`tests/golden/`).
 
 This file imports nothing, so that `python -m sharding.aot` picks the JAX platform before JAX
 loads.

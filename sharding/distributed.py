@@ -14,9 +14,10 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
+from llama_jax.partitioning import BATCH_AXES
 from sharding.mesh import ShardingError
 from sharding.place import batch_shardings
-from sharding.rules import BATCH_AXES, Mesh, Rules, logical_to_sharding
+from sharding.rules import Mesh, Rules, logical_to_sharding
 
 
 def initialize(

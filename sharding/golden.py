@@ -1,8 +1,11 @@
 """Golden per-parameter sharding of the big presets, committed so that a rule change shows up in
-review as a diff of `sharding/golden/*.json`.
+review as a diff of `tests/golden/*.json` (checked by `tests/test_sharding_golden.py`).
 
     python -m sharding.golden           # compare, exit 1 on any difference
     python -m sharding.golden --write   # regenerate after an intended rule change
+
+The files live in the repository's tests directory, found from this file's location, so the tool
+works from a checkout (or an editable install of one), whatever the working directory.
 
 Everything comes from shapes (`param_shapes` is an `eval_shape`) and mesh axis sizes: no
 devices, nothing allocated.
@@ -25,7 +28,8 @@ from llama_jax.config import preset
 from sharding.mesh import MeshSpec
 from sharding.rules import param_specs, path_str
 
-DIR = Path(__file__).with_name("golden")
+ROOT = Path(__file__).resolve().parents[1]
+DIR = ROOT / "tests" / "golden"
 MODELS = ("llama3.1-8b", "llama3.1-70b", "llama3.1-405b")
 # (rules, mesh) pairs: the training presets at pod scale and a tensor-parallel serving mesh.
 CASES = (
@@ -91,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--write", action="store_true", help="regenerate the golden files")
     args = p.parse_args(argv)
+    if not DIR.parent.is_dir():
+        print(f"{DIR.parent}: no tests directory; run this from a checkout of the repository")
+        return 2
     stale = []
     for model in MODELS:
         text = render(compute(model))

@@ -18,7 +18,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llama_jax import model as llama_model
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import CACHE_AXES, KVCache
-from sharding.rules import BATCH_AXES, Mesh, Rules, logical_to_sharding, param_specs, path_str
+from llama_jax.partitioning import BATCH_AXES
+from sharding.rules import Mesh, Rules, logical_to_sharding, param_specs, path_str
 
 
 def tree_shardings(tree: Any, config: LlamaConfig, mesh: Mesh, rules: str | Rules) -> Any:

@@ -86,8 +86,6 @@ DEFAULT_MESH = {
     "infer_tp": "tensor=-1",
 }
 
-BATCH_AXES = ("activation_batch", "activation_length")
-
 Mesh = jax.sharding.Mesh | jax.sharding.AbstractMesh
 
 
@@ -137,6 +135,16 @@ def logical_to_spec(
     while entries and entries[-1] is None:
         entries.pop()
     return PartitionSpec(*entries)
+
+
+def split_size(name: str, mesh: Mesh, rules: str | Rules) -> int:
+    """How many pieces the rules cut a dimension with logical `name` into on `mesh` (a size
+    that dimension must be a multiple of)."""
+    spec = logical_to_spec((name,), dict(mesh.shape), rules)
+    axes = spec[0] if spec else None
+    if axes is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
 def logical_to_sharding(

@@ -16,6 +16,7 @@ import pytest
 from llama_jax.config import preset
 
 pytest.importorskip("libtpu", reason="libtpu (the `tpu` extra) is needed for TPU AOT compiles")
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 1024**3

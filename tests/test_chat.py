@@ -192,6 +192,7 @@ def test_meta_dialog_vector(tok: Tokenizer) -> None:
     assert encode_dialog(tok, user_only, add_generation_prompt=False) == [128000, *user_message]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DIALOGS)
 def test_encode_dialog_matches_llama_models(tok: Tokenizer, ref_format, name: str) -> None:
     dialog = DIALOGS[name]
@@ -259,6 +260,7 @@ GENERATIONS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", GENERATIONS)
 def test_parse_assistant_matches_llama_models(tok: Tokenizer, ref_format, text: str) -> None:
     from llama_models.datatypes import StopReason

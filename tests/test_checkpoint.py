@@ -193,12 +193,14 @@ def test_stories260k_reproduces_reference(shared_assets, layout):
 # --- Hugging Face -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_hf_sharded_safetensors_match_transformers(hf_dir, hf_logits):
     model = load(hf_dir)
     assert model.config.rope_scaling is not None and model.config.param_dtype == "float32"
     np.testing.assert_allclose(model.logits(TOKENS), hf_logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_hf_round_trip_is_bit_exact_and_loads_in_transformers(
     hf_model, hf_dir, hf_logits, tmp_path, dtype
@@ -227,6 +229,7 @@ def test_hf_round_trip_is_bit_exact_and_loads_in_transformers(
         np.testing.assert_allclose(model.logits(TOKENS), hf_logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_tied_model_round_trips_without_lm_head(tmp_path):
     hf = _hf_model(seed=1, tie_word_embeddings=True)
     hf.save_pretrained(tmp_path / "src")
@@ -246,6 +249,7 @@ def test_tied_model_round_trips_without_lm_head(tmp_path):
 # --- Meta -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_meta_model_parallel_shards_load_identically(meta_dirs, hf_dir, hf_logits):
     reference = load(hf_dir).params
     for mp, path in meta_dirs.items():
@@ -259,6 +263,7 @@ def test_llama2_embedding_split_on_dim_1(meta_state, meta_dirs, tmp_path):
     assert _params_equal(load(path).params, load(meta_dirs[1]).params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mp", [1, 2, 4])
 def test_meta_round_trip_is_bit_exact(meta_dirs, tmp_path, mp):
     out = export(load(meta_dirs[mp]), tmp_path / "out", "meta", mp=mp)
@@ -316,6 +321,7 @@ def test_convert_cli_streams_hf_to_meta_bf16_and_to_orbax(hf_dir, tmp_path, caps
     assert "not an empty directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stacking", ["into host buffers", "by donated device updates"])
 def test_sharded_load_places_each_param_on_the_mesh(hf_dir, hf_logits, monkeypatch, stacking):
     if stacking == "by donated device updates":  # the accelerator path, forced on CPU
@@ -335,6 +341,7 @@ def test_sharded_load_places_each_param_on_the_mesh(hf_dir, hf_logits, monkeypat
     np.testing.assert_allclose(model.logits(TOKENS), hf_logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_mesh_alone_uses_the_sharding_rules(hf_dir, hf_logits):
     rules = pytest.importorskip("sharding.rules")
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("fsdp", "tensor"))

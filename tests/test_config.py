@@ -100,6 +100,7 @@ def test_hf_config_round_trip(name, rope_format):
     assert back == config
 
 
+@pytest.mark.slow
 def test_hf_config_accepted_by_transformers():
     transformers = pytest.importorskip("transformers")
     hf = lj.to_hf_config(lj.preset("llama3.2-1b"))

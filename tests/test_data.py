@@ -10,6 +10,7 @@ import grain
 import numpy as np
 import pytest
 
+from llama_jax.tokenizer import ByteTokenizer
 from train.data import (
     DataConfig,
     DataError,
@@ -18,7 +19,7 @@ from train.data import (
     pack_examples,
     tokenize_document,
 )
-from train.tokenizers import ByteTokenizer, load_tokenizer, meta_tokenizer_path
+from train.tokenizers import load_tokenizer, meta_tokenizer_path
 
 BYTES = ByteTokenizer()
 

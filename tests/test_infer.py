@@ -7,7 +7,7 @@ import torch
 import llama_jax
 from infer.batching import Overloaded, Scheduler
 from infer.engine import Engine, EngineError
-from infer.generate import default_stop_ids, generate
+from infer.generate import generate
 from infer.sampling import SamplingParams
 from infer.text import TextStream
 
@@ -37,6 +37,7 @@ def naive_greedy(model, prompt, n, width=64):
     return ids[len(prompt) :]
 
 
+@pytest.mark.slow
 def test_greedy_matches_transformers_generate(model):
     from hf_oracle import hf_model_from_params
 
@@ -150,9 +151,15 @@ def test_sharded_engine_matches_unsharded(model):
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
 
 
-def test_default_stop_ids():
-    assert default_stop_ids(CONFIG, None) == ()
-    assert default_stop_ids(llama_jax.preset("tiny-llama3"), None) == (128001, 128008, 128009)
+def test_default_stop_ids(shared_assets):
+    from llama_jax.tokenizer import ByteTokenizer, Tokenizer, default_stop_ids
+
+    assert default_stop_ids(None, CONFIG.vocab_size) == ()
+    llama3 = llama_jax.preset("tiny-llama3").vocab_size
+    assert set(default_stop_ids(None, llama3)) == {128001, 128008, 128009}
+    meta = Tokenizer(shared_assets / "llama3" / "tokenizer.model")
+    assert default_stop_ids(meta, llama3) == default_stop_ids(None, llama3) == meta.stop_tokens
+    assert set(default_stop_ids(ByteTokenizer(), CONFIG.vocab_size)) == {257, 264, 265}
 
 
 def test_text_stream_holds_back_and_cuts_at_stop_strings(shared_assets):

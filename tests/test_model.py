@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import llama_jax as lj
+from infer.layer_views import unstack_layers
 from llama_jax import model
 from llama_jax.kv_cache import KVCache
 
@@ -35,7 +36,7 @@ def test_logits_shape_and_dtype(tiny):
 @pytest.mark.parametrize("layers", ["stacked", "per_layer"])
 def test_token_by_token_decode_matches_full_forward(tiny, layers):
     config = tiny.config
-    params = tiny.params if layers == "stacked" else model.unstack_layers(tiny.params)
+    params = tiny.params if layers == "stacked" else unstack_layers(tiny.params)
     tokens = _tokens((2, 24), config.vocab_size)
     full = tiny.logits(tokens)
     cache = KVCache.zeros(config, batch=2, max_len=32)
@@ -51,7 +52,7 @@ def test_token_by_token_decode_matches_full_forward(tiny, layers):
 
 def test_unstacked_layers_on_cpu_are_views_of_the_stacked_weights(tiny):
     stacked = tiny.params["layers"]["feed_forward"]["w1"]
-    per_layer = model.unstack_layers(tiny.params)["layers"]
+    per_layer = unstack_layers(tiny.params)["layers"]
     assert len(per_layer) == tiny.config.n_layers
     for i, layer in enumerate(per_layer):
         w1 = layer["feed_forward"]["w1"]

@@ -9,6 +9,8 @@ from llama_jax.rope import inverse_frequencies
 torch = pytest.importorskip("torch")
 hf_oracle = pytest.importorskip("hf_oracle")
 
+pytestmark = pytest.mark.slow  # every test here runs the transformers oracle
+
 SCALED = {
     "factor": 8.0,
     "low_freq_factor": 1.0,

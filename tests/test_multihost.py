@@ -11,10 +11,13 @@ from pathlib import Path
 
 import multihost_worker
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("multihost_worker.py")
 TIMEOUT = 120
+
+pytestmark = pytest.mark.slow
 
 
 def _free_port() -> int:

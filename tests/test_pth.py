@@ -29,6 +29,7 @@ def state_dict() -> dict[str, torch.Tensor]:
     )
 
 
+@pytest.mark.slow
 def test_reads_torch_save_exactly(tmp_path, state_dict):
     torch.save(state_dict, tmp_path / "x.pth")
     f = PthFile(tmp_path / "x.pth")
@@ -40,6 +41,7 @@ def test_reads_torch_save_exactly(tmp_path, state_dict):
         np.testing.assert_array_equal(got.astype(np.float32), t.float().numpy())
 
 
+@pytest.mark.slow
 def test_written_files_load_in_torch_bit_exact(tmp_path, state_dict):
     torch.save(state_dict, tmp_path / "src.pth")
     src = PthFile(tmp_path / "src.pth")

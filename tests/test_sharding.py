@@ -15,9 +15,10 @@ from llama_jax import model as llama_model
 from llama_jax import splash
 from llama_jax.config import preset
 from llama_jax.kv_cache import CACHE_AXES, KVCache
+from llama_jax.partitioning import BATCH_AXES
 from sharding import place
 from sharding.mesh import MeshSpec, ShardingError, make_mesh
-from sharding.rules import BATCH_AXES, PRESETS, param_specs, with_rules
+from sharding.rules import PRESETS, param_specs, with_rules
 
 GQA = preset("tiny")  # 4 heads over 2 kv heads
 WIDE = preset("tiny", n_heads=8, n_kv_heads=8)  # heads divide tensor=8

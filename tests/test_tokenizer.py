@@ -133,6 +133,7 @@ def test_special_text_is_plain_unless_allowed(tok: Tokenizer) -> None:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", TEXTS + _random_texts(150, seed=0))
 def test_ids_match_llama_models(tok: Tokenizer, ref, text: str) -> None:
     ids = tok.encode(text, bos=True, eos=True)
@@ -143,6 +144,7 @@ def test_ids_match_llama_models(tok: Tokenizer, ref, text: str) -> None:
     assert tok.decode(ids[1:-1]) == text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "text",
     [
@@ -174,6 +176,7 @@ def test_10mb_input_bounded_time_and_memory(tok: Tokenizer) -> None:
     assert 2_000_000 < len(ids) < 4_000_000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", TEXTS + _random_texts(60, seed=1))
 def test_tokenizer_json_matches_model_and_hf_tokenizers(
     tok: Tokenizer, from_json: Tokenizer, hf_tokenizers, text: str

@@ -22,6 +22,7 @@ import yaml
 
 from llama_jax.checkpoint.load import load
 from llama_jax.config import preset
+from llama_jax.tokenizer import ByteTokenizer
 from llama_jax.train import parse_args
 from train.checkpoint import load_run_params
 from train.config import TrainConfigError, load_config
@@ -31,7 +32,6 @@ from train.loop import NonFiniteLoss, run
 from train.metrics import flops_per_token, matmul_params, peak_flops_per_device
 from train.optim import OptimConfig, decay_mask, make_optimizer, make_schedule
 from train.step import build_train_step, init_train_state, token_losses
-from train.tokenizers import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = preset("tiny")

@@ -18,7 +18,7 @@ import optax
 
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Params, forward, init_params, output_logits, param_shapes
-from llama_jax.partitioning import constrain
+from llama_jax.partitioning import BATCH_AXES, constrain
 from train.optim import current_lr
 
 Batch = dict[str, jax.Array]
@@ -26,7 +26,6 @@ Metrics = dict[str, jax.Array]
 StepFn = Callable[["TrainState", Batch], tuple["TrainState", Metrics]]
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
-BATCH_AXES = ("activation_batch", "activation_length")
 
 
 class TrainState(NamedTuple):
