@@ -34,6 +34,9 @@ from benchmarks.workload import BENCH_PRESET, ROWS, WEIGHT_SEED, Row, resolve_ro
 OURS_XLA_FLAGS = ""
 
 
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
 class WorkerError(RuntimeError):
     """A worker failed; the message carries its traceback."""
 
@@ -52,6 +55,7 @@ class ProcessWorker:
             stdout=subprocess.PIPE,
             text=True,
             env=env,
+            cwd=CHECKOUT,  # `benchmarks` is not installed: it runs from the checkout
         )
 
     def _read(self) -> Any:

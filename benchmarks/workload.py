@@ -95,16 +95,6 @@ def train_batch(row: Row, vocab_size: int) -> dict[str, np.ndarray]:
 # --- work counts ----------------------------------------------------------------------------
 
 
-def matmul_params(config: LlamaConfig) -> int:
-    """Weights multiplied with activations per token: every layer matrix plus the output head.
-    The input embedding is a gather, not a matmul."""
-    return (
-        config.param_count()
-        - config.vocab_size * config.dim
-        - config.dim * (2 * config.n_layers + 1)
-    )
-
-
 def _attention_flops(config: LlamaConfig, batch: int, length: int) -> int:
     """Causal self-attention forward FLOPs (QK^T and PV), counting only the unmasked half."""
     per_layer = 2 * 2 * config.n_heads * config.head_dim * length * (length + 1) // 2
@@ -114,7 +104,7 @@ def _attention_flops(config: LlamaConfig, batch: int, length: int) -> int:
 def prefill_flops(config: LlamaConfig, row: Row) -> int:
     """Forward over the prompt with the output head applied to the last position only."""
     head = config.dim * config.vocab_size
-    layers = matmul_params(config) - head
+    layers = config.matmul_params() - head
     return (
         2 * layers * row.batch * row.length
         + _attention_flops(config, row.batch, row.length)
@@ -124,7 +114,7 @@ def prefill_flops(config: LlamaConfig, row: Row) -> int:
 
 def train_flops(config: LlamaConfig, row: Row) -> int:
     """Forward + backward (3x forward), the usual model-FLOPs count behind MFU."""
-    forward = 2 * matmul_params(config) * row.tokens + _attention_flops(
+    forward = 2 * config.matmul_params() * row.tokens + _attention_flops(
         config, row.batch, row.length
     )
     return 3 * forward
@@ -133,11 +123,12 @@ def train_flops(config: LlamaConfig, row: Row) -> int:
 def decode_step_bytes(config: LlamaConfig, row: Row) -> int:
     """Bytes one decode step must read from memory at the least, averaged over the row's steps.
 
-    Every weight except the input embedding is read once per step (all of them: the output head,
-    128256 x 512, is two thirds). The embedding table is gathered: only `batch` rows of it are
-    read. The KV cache read is what attention over the valid prefix needs.
+    Every matmul weight (the output head too, tied or not) and every norm is read once per step.
+    The embedding table is gathered: only `batch` rows of it are read. The KV cache read is what
+    attention over the valid prefix needs.
     """
-    weights = (config.param_count() - config.vocab_size * config.dim) * FLOAT32_BYTES
+    norms = config.dim * (2 * config.n_layers + 1)
+    weights = (config.matmul_params() + norms) * FLOAT32_BYTES
     embedding_rows = row.batch * config.dim * FLOAT32_BYTES
     mean_context = row.length + row.new_tokens / 2
     kv = 2 * config.n_layers * config.n_kv_heads * config.head_dim * FLOAT32_BYTES

@@ -32,6 +32,7 @@ from llama_jax.config import ConfigError, preset
 from llama_jax.tokenizer import Tokenizer
 from sharding.mesh import ShardingError, make_mesh
 from sharding.place import place
+from sharding.rules import resolver
 
 PROG = "llama_jax.infer"
 
@@ -127,7 +128,8 @@ def load_model(args: argparse.Namespace) -> Model:
     """The model named by --checkpoint / --preset, placed on --mesh, with its tokenizer."""
     mesh = make_mesh(args.mesh) if args.mesh else None
     if args.checkpoint:
-        model = load(args.checkpoint, mesh=mesh, dtype=args.dtype)
+        shardings = None if mesh is None else resolver(mesh, args.rules)
+        model = load(args.checkpoint, dtype=args.dtype, shardings=shardings)
     else:
         config = preset(args.preset)
         if args.dtype:

@@ -108,15 +108,35 @@ class LlamaConfig:
         head = 0 if self.tie_embeddings else d * self.vocab_size
         return self.vocab_size * d + L * per_layer + d + head
 
+    def matmul_params(self) -> int:
+        """Weights that multiply activations, the N of every model-FLOPs count (training MFU,
+        the benchmarks, the AOT tool): per layer the q/k/v/o projections and the SwiGLU MLP,
+        plus the output head, counted even when tied to the embedding (the lookup is a gather,
+        not a matmul; the head is a matmul either way)."""
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = 3 * self.dim * self.ffn_dim
+        return self.n_layers * (attn + mlp) + self.dim * self.vocab_size
+
 
 # --- presets ---------------------------------------------------------------------------------
 
 _PRESETS_FILE = Path(__file__).with_name("presets.json")
+_BASE_KEY = "base"
 
 
 @cache
 def _preset_table() -> dict[str, dict[str, Any]]:
-    return json.loads(_PRESETS_FILE.read_text())
+    """`presets.json` with every entry's `base` chain resolved. An entry holds only what a
+    checkpoint's config holds (its architecture); one may start from the fields of the entry
+    its `base` names, and entries named `_...` exist only to be such bases."""
+    raw = json.loads(_PRESETS_FILE.read_text())
+
+    def resolved(name: str) -> dict[str, Any]:
+        entry = dict(raw[name])
+        base = entry.pop(_BASE_KEY, None)
+        return {**resolved(base), **entry} if base else entry
+
+    return {name: resolved(name) for name in raw if not name.startswith("_")}
 
 
 def preset_names() -> list[str]:
@@ -124,7 +144,9 @@ def preset_names() -> list[str]:
 
 
 def preset(name: str, **overrides: Any) -> LlamaConfig:
-    """A named preset from `presets.json`, with optional field overrides."""
+    """A named preset from `presets.json`, with optional field overrides. Presets are
+    architecture only: dtypes and remat keep `LlamaConfig`'s defaults (float32, none) until the
+    code that runs the model (training, serving, the AOT tool) sets its own."""
     table = _preset_table()
     if name not in table:
         raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(table))}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 
@@ -54,3 +55,12 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Constrain `x` to the sharding its logical axis `names` map to, if a resolver is active."""
     sharding = sharding_for(names)
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def placed_shapes(shapes: Any, shardings: Any) -> Any:
+    """Each leaf's shape and dtype (from arrays or `ShapeDtypeStruct`s) with its sharding from
+    the matching tree `shardings`: what Orbax restores into (loading, run directories, training's
+    resume) and what an ahead-of-time compile takes."""
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )

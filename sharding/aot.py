@@ -8,8 +8,8 @@ nothing allocated. What comes back is what the TPU compiler planned: per-chip me
 compiler's FLOPs and step-time estimate, and from them MFU and tokens/s/chip. This is the proof
 that a preset fits, and how much room it leaves, before anyone pays for a pod.
 
-A CLI module: it imports `train` (the real train step) lazily, which the `sharding` library
-itself never does.
+A tool above the packages: it imports `train` (the real train step), which the `sharding`
+library modules never do.
 """
 
 from __future__ import annotations
@@ -32,17 +32,26 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax import model as llama_model
-from llama_jax.config import ATTENTION_KERNELS, LlamaConfig, preset
+from llama_jax.config import ATTENTION_KERNELS, DTYPES, REMAT_POLICIES, LlamaConfig, preset
 from llama_jax.kv_cache import KVCache
+from llama_jax.partitioning import placed_shapes
 from sharding import place
 from sharding.mesh import make_mesh
 from sharding.rules import DEFAULT_MESH, PRESET_NAMES, with_rules
+from train.metrics import flops_per_token
+from train.optim import OptimConfig, make_optimizer
+from train.step import BATCH_KEYS, abstract_train_state, build_train_step
 
 GiB = 1024**3
 LOSS_CHUNKS = 8  # train steps: float32 logits of 1/8 of each sequence at a time
+# How the tool runs a preset unless told otherwise (presets hold the architecture only): bf16
+# matmuls, whole layers rematerialised; train steps keep fp32 master weights, decode steps
+# read bf16 weights.
+RUN_POLICY = {"compute_dtype": "bfloat16", "remat": "full"}
 
 
 @dataclass(frozen=True)
@@ -91,8 +100,6 @@ class Report:
 
 def topology_devices(topology: str, slices: int = 1) -> list[Any]:
     """Compile-only devices of `topology` (e.g. "v5p:2x2x1") times `slices` (DCN)."""
-    from jax.experimental import topologies
-
     kwargs = {"num_slices": slices} if slices > 1 else {}
     try:
         return list(topologies.get_topology_desc(topology, platform="tpu", **kwargs).devices)
@@ -110,12 +117,6 @@ def chip_of(topology: str) -> Chip:
     return CHIPS[generation]
 
 
-def _abstract(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
-    )
-
-
 def compile_train(
     config: LlamaConfig,
     mesh: jax.sharding.Mesh,
@@ -126,9 +127,6 @@ def compile_train(
     loss_chunks: int = 1,
 ):
     """The real `train.step` train step (AdamW, fp32 master weights), state donated."""
-    from train.optim import OptimConfig, make_optimizer
-    from train.step import BATCH_KEYS, abstract_train_state, build_train_step
-
     optimizer = make_optimizer(OptimConfig())
     state = abstract_train_state(config, optimizer)
     state_sh = place.tree_shardings(state, config, mesh, rules)
@@ -141,7 +139,7 @@ def compile_train(
         out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
     )
-    return step.lower(_abstract(state, state_sh), _abstract(data, data_sh)).compile()
+    return step.lower(placed_shapes(state, state_sh), placed_shapes(data, data_sh)).compile()
 
 
 def compile_decode(config: LlamaConfig, mesh: jax.sharding.Mesh, rules: str, batch: int, seq: int):
@@ -159,7 +157,9 @@ def compile_decode(config: LlamaConfig, mesh: jax.sharding.Mesh, rules: str, bat
         donate_argnums=2,
     )
     return step.lower(
-        _abstract(params, params_sh), _abstract(tokens, tokens_sh), _abstract(cache, cache_sh)
+        placed_shapes(params, params_sh),
+        placed_shapes(tokens, tokens_sh),
+        placed_shapes(cache, cache_sh),
     ).compile()
 
 
@@ -214,12 +214,10 @@ def layer_costs(
 def model_flops(config: LlamaConfig, step: str, batch: int, seq: int) -> tuple[float, int]:
     """(model FLOPs of one step, tokens it processes). Training uses `train.metrics`' count;
     a decode token costs 2 * N_matmul plus attention over the `seq` cached keys."""
-    from train.metrics import flops_per_token, matmul_params
-
     if step == "train":
         return flops_per_token(config, seq) * batch * seq, batch * seq
     attention = 4 * config.n_layers * config.n_heads * config.head_dim * seq
-    return float(2 * matmul_params(config) + attention) * batch, batch
+    return float(2 * config.matmul_params() + attention) * batch, batch
 
 
 def run(
@@ -236,10 +234,8 @@ def run(
     overrides: dict[str, Any] | None = None,
 ) -> Report:
     rules = rules or ("fsdp" if step == "train" else "infer_tp")
-    overrides = dict(overrides or {})
-    if step == "decode":
-        overrides.setdefault("param_dtype", "bfloat16")
-    config = preset(preset_name, **overrides)
+    policy = {**RUN_POLICY, **({"param_dtype": "bfloat16"} if step == "decode" else {})}
+    config = preset(preset_name, **{**policy, **(overrides or {})})
     chip = chip_of(topology)
     devices = topology_devices(topology, slices)
     mesh = make_mesh(mesh_spec or DEFAULT_MESH[rules], devices)
@@ -320,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--step", choices=("train", "decode"), default="train")
     p.add_argument("--batch", type=int, help="global batch (default: one per chip)")
     p.add_argument("--seq", type=int, default=4096, help="sequence / KV cache length")
-    p.add_argument("--remat", help="override the preset's remat policy")
+    p.add_argument("--remat", choices=REMAT_POLICIES, help="remat policy (default full)")
+    p.add_argument("--compute-dtype", choices=DTYPES, help="matmul dtype (default bfloat16)")
     p.add_argument("--attention", choices=ATTENTION_KERNELS, help="override the attention kernel")
     p.add_argument(
         "--loss-chunks",
@@ -330,7 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
-    overrides = {k: getattr(args, k) for k in ("remat", "attention") if getattr(args, k)}
+    fields = ("remat", "compute_dtype", "attention")
+    overrides = {k: getattr(args, k) for k in fields if getattr(args, k)}
     report = run(
         args.preset,
         args.topology,

@@ -29,11 +29,12 @@ SCRIPT = textwrap.dedent("""
     from sharding.mesh import make_mesh
 
     aot.main(["--preset", "tiny", "--topology", "v5p:2x2x1", "--slices", "2", "--mesh",
-              "data=2:dcn,fsdp=-1", "--batch", "8", "--seq", "256", "--json"])
+              "data=2:dcn,fsdp=-1", "--batch", "8", "--seq", "256", "--remat", "none", "--json"])
     aot.main(["--preset", "tiny", "--topology", "v5p:2x2x1", "--batch", "8", "--seq", "256",
-              "--json"])
+              "--remat", "none", "--json"])
     aot.main(["--preset", "tiny", "--topology", "v5p:2x2x1", "--step", "decode", "--mesh",
-              "data=2,tensor=2", "--batch", "8", "--seq", "512", "--json"])
+              "data=2,tensor=2", "--batch", "8", "--seq", "512", "--compute-dtype", "float32",
+              "--json"])
     config = preset("tiny", n_layers=3, remat="full")
     mesh = make_mesh("fsdp=-1", aot.topology_devices("v5p:2x2x1"))
     flops, seconds = aot.layer_costs(aot.compile_train, config, mesh, "fsdp", 4, 64)

@@ -342,19 +342,19 @@ def test_sharded_load_places_each_param_on_the_mesh(hf_dir, hf_logits, monkeypat
 
 
 @pytest.mark.slow
-def test_mesh_alone_uses_the_sharding_rules(hf_dir, hf_logits):
+def test_rule_presets_place_the_load(hf_dir, hf_logits):
     rules = pytest.importorskip("sharding.rules")
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("fsdp", "tensor"))
-    for preset in (None, "infer_tp"):
-        model = load(hf_dir, mesh=mesh, shardings=preset)
-        want = rules.param_shardings(model.config, mesh, preset or "fsdp_tp")
+    for preset in ("fsdp_tp", "infer_tp"):
+        model = load(hf_dir, shardings=rules.resolver(mesh, preset))
+        assert model.mesh == mesh
+        want = rules.param_shardings(model.config, mesh, preset)
         got = jax.tree.map(lambda x: x.sharding, model.params)
         assert jax.tree.all(jax.tree.map(lambda a, b: a.is_equivalent_to(b, 4), got, want))
     np.testing.assert_allclose(model.logits(TOKENS), hf_logits, atol=1e-4, rtol=0)
 
 
 def test_training_run_directory_loads_its_latest_step(hf_dir, tmp_path):
-    pytest.importorskip("train.checkpoint")
     import orbax.checkpoint as ocp
 
     model = load(hf_dir)

@@ -1,6 +1,7 @@
 """Config presets, Meta params.json and HF config.json readers/writers."""
 
 import json
+from pathlib import Path
 
 import jax
 import pytest
@@ -94,10 +95,70 @@ def test_hf_config_round_trip(name, rope_format):
     config = lj.preset(name)
     hf = lj.to_hf_config(config, rope_format=rope_format)
     assert ("rope_parameters" in hf) == (rope_format == "v5")
-    back = lj.from_hf_config(
-        hf, param_dtype=config.param_dtype, compute_dtype=config.compute_dtype, remat=config.remat
-    )
-    assert back == config
+    assert lj.from_hf_config(hf) == config
+
+
+# Meta's own config.json files for two models, as published on the Hugging Face hub.
+LLAMA_3_1_8B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 131072,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.0.dev0",
+    "use_cache": True,
+    "vocab_size": 128256,
+}
+LLAMA_3_2_1B_CONFIG = {
+    **LLAMA_3_1_8B_CONFIG,
+    "head_dim": 64,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "rope_scaling": {**LLAMA_3_1_8B_CONFIG["rope_scaling"], "factor": 32.0},
+    "tie_word_embeddings": True,
+    "transformers_version": "4.45.0.dev0",
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "official"),
+    [("llama3.1-8b", LLAMA_3_1_8B_CONFIG), ("llama3.2-1b", LLAMA_3_2_1B_CONFIG)],
+)
+def test_preset_is_the_official_config(name, official):
+    """A preset holds the architecture only: exactly what the model's own config.json says."""
+    assert lj.preset(name) == lj.from_hf_config(official)
+
+
+def test_presets_inherit_from_base_entries():
+    table = json.loads((Path(lj.__file__).parent / "presets.json").read_text())
+    assert "_llama3.1" in table and "_llama3.1" not in lj.preset_names()
+    assert "max_seq_len" not in table["llama3.1-405b"]
+    assert lj.preset("llama3.1-405b").max_seq_len == 131072
+    policy = {"param_dtype", "compute_dtype", "remat"}
+    assert not any(policy & set(entry) for entry in table.values())
 
 
 @pytest.mark.slow

@@ -21,15 +21,15 @@ import pytest
 import yaml
 
 from llama_jax.checkpoint.load import load
+from llama_jax.checkpoint.run_dir import load_run_params
 from llama_jax.config import preset
 from llama_jax.tokenizer import ByteTokenizer
 from llama_jax.train import parse_args
-from train.checkpoint import load_run_params
 from train.config import TrainConfigError, load_config
 from train.corpus import documents
 from train.data import pack_examples, tokenize_document
 from train.loop import NonFiniteLoss, run
-from train.metrics import flops_per_token, matmul_params, peak_flops_per_device
+from train.metrics import flops_per_token, peak_flops_per_device
 from train.optim import OptimConfig, decay_mask, make_optimizer, make_schedule
 from train.step import build_train_step, init_train_state, token_losses
 
@@ -43,6 +43,7 @@ def _settings(corpus: Path, **overrides) -> dict:
     base = {
         "model": "tiny",
         "compute_dtype": "float32",
+        "remat": "none",
         "data": {"paths": [str(corpus)], "seq_len": 64, "batch": 8, "tokenizer": "bytes"},
         "optim": {"lr": 3e-3, "warmup_steps": 5},
         "steps": STEPS,
@@ -197,13 +198,14 @@ def test_flop_formula():
         c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + 3 * c.dim * c.ffn_dim
     )
     n += c.dim * c.vocab_size
-    assert matmul_params(c) == n
+    assert c.matmul_params() == n
     assert flops_per_token(c, 128) == 6 * n + 6 * c.n_layers * c.n_heads * c.head_dim * 128
     big = preset("llama3-8b")  # 8.03B params, of which 0.53B is the embedding gather
-    assert (
-        matmul_params(big)
-        == big.param_count() - big.vocab_size * big.dim - (2 * big.n_layers + 1) * big.dim
-    )
+    norms = (2 * big.n_layers + 1) * big.dim
+    assert big.matmul_params() == big.param_count() - big.vocab_size * big.dim - norms
+    tied = preset("llama3.2-1b")  # the head is the embedding, and still a matmul
+    norms = (2 * tied.n_layers + 1) * tied.dim
+    assert tied.matmul_params() == tied.param_count() - norms
 
 
 @pytest.mark.parametrize(

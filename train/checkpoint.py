@@ -9,8 +9,8 @@ A run directory holds `checkpoints/<step>/` with these items:
   run           JSON: the resolved training config and the tokenizer used
 
 Arrays are restored onto whatever shardings the caller asks for, so a checkpoint written on one
-mesh resumes on another. `load_run_params` reads just the config and parameters of the latest
-(or a given) step; `llama_jax.load(run_dir)` uses it.
+mesh resumes on another. Reading just the config and parameters of a step needs nothing from
+here: `llama_jax.checkpoint.run_dir` does it, and `llama_jax.load(run_dir)` uses it.
 """
 
 from __future__ import annotations
@@ -24,15 +24,10 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import SingleDeviceSharding
 
-from llama_jax.checkpoint.errors import CheckpointError
+from llama_jax.checkpoint.run_dir import CHECKPOINTS, ITEMS
 from llama_jax.config import LlamaConfig
-from llama_jax.model import Params, param_shapes
 from train.step import TrainState
-
-CHECKPOINTS = "checkpoints"
-ITEMS = ("params", "opt_state", "progress", "data", "model_config", "run")
 
 
 class RunCheckpointer:
@@ -119,63 +114,3 @@ class PreemptionWatch:
 
     def close(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
-
-
-def _checkpoint_root(path: Path) -> tuple[Path, int | None]:
-    """(Orbax manager directory, step or None for latest) for a run dir, its `checkpoints/`
-    directory or one step directory."""
-    if (path / CHECKPOINTS).is_dir():
-        return path / CHECKPOINTS, None
-    if (path / "params").is_dir() and path.name.isdigit():
-        return path.parent, int(path.name)
-    return path, None
-
-
-def _open(path: str | Path) -> tuple[ocp.CheckpointManager, int]:
-    """A read-only manager on `path` (run dir, its checkpoints/ dir or a step dir) and the step
-    to read."""
-    root, step = _checkpoint_root(Path(path).resolve())
-    manager = ocp.CheckpointManager(
-        root, options=ocp.CheckpointManagerOptions(read_only=True), item_names=ITEMS
-    )
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        manager.close()
-        raise CheckpointError(
-            f"{path}: no training checkpoint found (expected {CHECKPOINTS}/<step>/)"
-        )
-    return manager, step
-
-
-def _read_config(manager: ocp.CheckpointManager, step: int) -> LlamaConfig:
-    meta = manager.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
-    return LlamaConfig.from_dict(meta["model_config"])
-
-
-def read_model_config(path: str | Path) -> LlamaConfig:
-    """The model config saved with a run's latest checkpoint (or with the step dir given)."""
-    manager, step = _open(path)
-    with manager:
-        return _read_config(manager, step)
-
-
-def load_run_params(
-    run_dir: str | Path, shardings: Params | None = None
-) -> tuple[LlamaConfig, Params]:
-    """(model config, float32 params) of a run's latest checkpoint (or of the step directory
-    given). `shardings` places the params (default: the first device)."""
-    manager, step = _open(run_dir)
-    with manager:
-        config = _read_config(manager, step)
-        if shardings is None:
-            device = SingleDeviceSharding(jax.devices()[0])
-            shardings = jax.tree.map(lambda _: device, param_shapes(config))
-        target = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            param_shapes(config),
-            shardings,
-        )
-        restored = manager.restore(
-            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
-        )
-    return config, restored["params"]

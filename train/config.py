@@ -19,7 +19,15 @@ import yaml
 from train.data import DataConfig
 from train.optim import OptimConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+def _config_dir() -> Path:
+    """The named configs: `configs/` beside the packages in a checkout, `train/configs/` in an
+    installed wheel (pyproject.toml ships them there)."""
+    checkout = Path(__file__).resolve().parents[1] / "configs"
+    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 
 class TrainConfigError(ValueError):
@@ -31,8 +39,9 @@ class TrainConfig:
     """A training run.
 
     `model` is a preset name; `init_from` (any layout `llama_jax.load` reads) replaces it with
-    that checkpoint's config and weights. `model_overrides` changes LlamaConfig fields;
-    `compute_dtype` / `remat` (None: the model's own) are the usual ones. Parameters and optimizer
+    that checkpoint's config and weights. `model_overrides` changes LlamaConfig fields. How the
+    model runs is the run's choice, not the model's: `compute_dtype` (matmuls, default bf16) and
+    `remat` (activation checkpointing of each layer, default full). Parameters and optimizer
     moments are always float32. `loss_chunks` > 1 computes the output head and loss over that
     many slices of the sequence, for less memory (see `train.step.token_losses`).
     `checkpoint_dir` is the run directory; it resumes when it holds a checkpoint. `export_dir`
@@ -42,8 +51,8 @@ class TrainConfig:
 
     model: str = "tiny"
     model_overrides: dict[str, Any] = field(default_factory=dict)
-    compute_dtype: str | None = "bfloat16"
-    remat: str | None = None
+    compute_dtype: str = "bfloat16"
+    remat: str = "full"
     init_from: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -24,13 +24,15 @@ from llama_jax.api import Model
 from llama_jax.checkpoint.errors import CheckpointError
 from llama_jax.checkpoint.export import export
 from llama_jax.checkpoint.load import load
+from llama_jax.checkpoint.run_dir import read_model_config
 from llama_jax.config import ConfigError, LlamaConfig, preset
 from llama_jax.model import Params
+from llama_jax.partitioning import placed_shapes
 from sharding.distributed import global_batch, process_rows
 from sharding.mesh import ShardingError, make_mesh
 from sharding.place import batch_shardings, tree_shardings
-from sharding.rules import with_rules
-from train.checkpoint import PreemptionWatch, RunCheckpointer, read_model_config
+from sharding.rules import resolver, with_rules
+from train.checkpoint import PreemptionWatch, RunCheckpointer
 from train.config import TrainConfig, TrainConfigError
 from train.data import DataError, make_dataset, open_documents
 from train.metrics import MetricsLogger, flops_per_token, peak_flops_per_device
@@ -66,19 +68,16 @@ class RunResult:
 
 
 def model_config_for(cfg: TrainConfig, base: LlamaConfig) -> LlamaConfig:
-    """`base` with the run's overrides; parameters are always float32 master weights."""
-    changes: dict[str, Any] = {**cfg.model_overrides, "param_dtype": "float32"}
-    if cfg.compute_dtype is not None:
-        changes["compute_dtype"] = cfg.compute_dtype
-    if cfg.remat is not None:
-        changes["remat"] = cfg.remat
-    return base.replace(**changes)
+    """`base` with the run's overrides and run policy; parameters are always float32 master
+    weights."""
+    policy = {"param_dtype": "float32", "compute_dtype": cfg.compute_dtype, "remat": cfg.remat}
+    return base.replace(**{**cfg.model_overrides, **policy})
 
 
 def load_pretrained(path: str, mesh: jax.sharding.Mesh, rules: str) -> tuple[LlamaConfig, Params]:
     """Weights to start from (any layout `llama_jax.load` reads: Meta, HF, Orbax, a training
     run), loaded straight onto the mesh in float32."""
-    model = load(path, mesh=mesh, dtype="float32", shardings=rules)
+    model = load(path, dtype="float32", shardings=resolver(mesh, rules))
     return model.config, model.params
 
 
@@ -150,10 +149,7 @@ def setup(cfg: TrainConfig, devices: list[Any] | None = None) -> Trainer:
     )
 
     if resume_step is not None:
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-        )
-        state = ckpt.restore(resume_step, target, data_iter)
+        state = ckpt.restore(resume_step, placed_shapes(abstract, shardings), data_iter)
     else:
         make_state = jax.jit(
             partial(init_train_state, model_config, optimizer, cfg.seed),

@@ -5,10 +5,10 @@ FLOPs per trained token (model FLOPs, so rematerialisation is not counted: this 
 
     6 * N_matmul  +  6 * L * H * hd * T
 
-N_matmul counts the weights that multiply activations: per layer the q/k/v/o projections
-(d * hd * (2 H + 2 Hkv)) and the SwiGLU MLP (3 * d * ffn), plus the output head (d * V, counted
-even when tied; the embedding lookup is a gather, not a matmul). 2 FLOPs per multiply-add and
-a backward pass costing twice the forward give the 6. Attention scores (Q K^T) and values
+N_matmul is `LlamaConfig.matmul_params()`, the weights that multiply activations: per layer the
+q/k/v/o projections (d * hd * (2 H + 2 Hkv)) and the SwiGLU MLP (3 * d * ffn), plus the output
+head (d * V, counted even when tied; the embedding lookup is a gather, not a matmul). 2 FLOPs
+per multiply-add and a backward pass costing twice the forward give the 6. Attention scores (Q K^T) and values
 (P V) cost 2 * 2 * T * H * hd per token per layer forward, times 3 for forward + backward, which
 is 12 * L * H * hd * T, halved because a causal mask leaves half the (query, key) pairs.
 Only non-padding tokens count, so padding shows up as lost MFU.
@@ -45,18 +45,10 @@ PEAK_FLOPS = {
 }
 
 
-def matmul_params(config: LlamaConfig) -> int:
-    """Weights that multiply activations (see the module docstring)."""
-    c = config
-    attn = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
-    mlp = 3 * c.dim * c.ffn_dim
-    return c.n_layers * (attn + mlp) + c.dim * c.vocab_size
-
-
 def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 * N_matmul + 6 * L * H * hd * T (causal attention)."""
     attention = 6 * config.n_layers * config.n_heads * config.head_dim * seq_len
-    return float(6 * matmul_params(config) + attention)
+    return float(6 * config.matmul_params() + attention)
 
 
 def measure_peak_flops(devices: Sequence[Any], dtype: str, size: int = 512) -> float:

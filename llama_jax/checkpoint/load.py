@@ -2,8 +2,7 @@
 
 Layouts: Meta (`params.json` + `consolidated.NN.pth`), Hugging Face (`config.json` +
 safetensors, Meta files under `original/` used when the top level has no weights), our Orbax
-format (`llama_jax.json` + `params/`), and a training run directory (read by
-`train.checkpoint.load_run_params`, imported lazily: core never imports `train` at import time).
+format (`llama_jax.json` + `params/`), and a training run directory (`run_dir`).
 """
 
 from __future__ import annotations
@@ -13,9 +12,10 @@ from typing import Literal
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
 
 from llama_jax.api import Model
-from llama_jax.checkpoint import orbax_io, sources
+from llama_jax.checkpoint import orbax_io, run_dir, sources
 from llama_jax.checkpoint.errors import CheckpointError
 from llama_jax.checkpoint.placement import ShardingsLike, place, resolve_shardings
 from llama_jax.checkpoint.safetensors_io import INDEX_FILE, SINGLE_FILE
@@ -61,26 +61,10 @@ def param_dtype(dtype: str | np.dtype | None) -> np.dtype | None:
     return d
 
 
-DEFAULT_RULES = "fsdp_tp"
-
-
-def _shardings(config: LlamaConfig, mesh, shardings: ShardingsLike | str) -> Params:
-    """Shardings given directly, or from the sharding package's rules (a preset name, default
-    `DEFAULT_RULES`) on `mesh`."""
-    if mesh is not None and (shardings is None or isinstance(shardings, str)):
-        from sharding.rules import param_shardings  # lazy: llama_jax must not import sharding
-
-        return param_shardings(config, mesh, shardings or DEFAULT_RULES)
-    if isinstance(shardings, str):
-        raise CheckpointError(f"sharding rules {shardings!r} need a mesh")
-    return resolve_shardings(config, shardings)
-
-
 def load_params(
     path: str | Path,
-    mesh: jax.sharding.Mesh | None = None,
     dtype: str | np.dtype | None = None,
-    shardings: ShardingsLike | str = None,
+    shardings: ShardingsLike = None,
     progress: bool | None = None,
 ) -> tuple[LlamaConfig, Params, Path]:
     """(config, params, directory) of the checkpoint at `path`; see `load`."""
@@ -89,24 +73,23 @@ def load_params(
     if kind == "orbax":
         config = orbax_io.read_config(root)
         config = config if target is None else config.replace(param_dtype=target.name)
-        return config, orbax_io.load_orbax(root, config, _shardings(config, mesh, shardings)), root
+        return config, orbax_io.load_orbax(root, config, resolve_shardings(config, shardings)), root
     if kind == "run":
-        return (*_load_run(root, mesh, target, shardings), root)
+        return (*_load_run(root, target, shardings), root)
     source = sources.read_meta(root) if kind == "meta" else sources.read_hf(root)
     target = target or source.dtype
     config = source.config.replace(param_dtype=target.name)
-    params = place(config, source.arrays, _shardings(config, mesh, shardings), target, progress)
+    params = place(config, source.arrays, resolve_shardings(config, shardings), target, progress)
     return config, params, root
 
 
-def _load_run(root: Path, mesh, target: np.dtype | None, shardings) -> tuple[LlamaConfig, Params]:
+def _load_run(
+    root: Path, target: np.dtype | None, shardings: ShardingsLike
+) -> tuple[LlamaConfig, Params]:
     """The latest checkpoint of a training run (float32), placed and optionally cast."""
-    from train import checkpoint as run  # lazy: core does not depend on train
-
     try:
-        config = run.read_model_config(root)
-        config, params = run.load_run_params(root, _shardings(config, mesh, shardings))
-    except run.CheckpointError as e:
+        config, params = run_dir.load_run_params(root, shardings)
+    except CheckpointError as e:
         raise CheckpointError(
             f"{root}: not a Meta (params.json + consolidated.NN.pth), Hugging Face (config.json "
             f"+ safetensors) or llama_jax Orbax directory, nor a training run ({e})"
@@ -118,18 +101,23 @@ def _load_run(root: Path, mesh, target: np.dtype | None, shardings) -> tuple[Lla
 
 def load(
     path: str | Path,
-    mesh: jax.sharding.Mesh | None = None,
     dtype: str | np.dtype | None = None,
-    shardings: ShardingsLike | str = None,
+    shardings: ShardingsLike = None,
     progress: bool | None = None,
 ) -> Model:
     """A `Model` from a Meta, Hugging Face, llama_jax Orbax or training-run directory.
 
     Params keep the checkpoint's dtype unless `dtype` ("float32", "bfloat16", "float16") is
-    given. They are placed with `shardings`: a tree like the params, a function from logical
-    axis names to a `Sharding`, or with a `mesh` the name of a `sharding.rules` preset (default
-    "fsdp_tp"). Without a mesh or shardings, everything goes to the first device. Tensors are
-    streamed one at a time; `progress` (None: when stderr is a terminal) shows a progress bar.
+    given. They are placed with `shardings`: a tree like the params, or a function from logical
+    axis names to a `Sharding` (`sharding.rules.resolver(mesh, "fsdp_tp")` applies a rule
+    preset); without, everything goes to the first device. The model's `mesh` is that of the
+    placed params. Tensors are streamed one at a time; `progress` (None: when stderr is a
+    terminal) shows a progress bar.
     """
-    config, params, root = load_params(path, mesh, dtype, shardings, progress)
-    return Model(config, params, tokenizer=find_tokenizer(root), mesh=mesh)
+    config, params, root = load_params(path, dtype, shardings, progress)
+    return Model(config, params, tokenizer=find_tokenizer(root), mesh=_mesh_of(params))
+
+
+def _mesh_of(params: Params) -> jax.sharding.Mesh | None:
+    sharding = jax.tree.leaves(params)[0].sharding
+    return sharding.mesh if isinstance(sharding, NamedSharding) else None

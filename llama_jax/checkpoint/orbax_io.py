@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
-
 from llama_jax.checkpoint.errors import CheckpointError
 from llama_jax.config import ConfigError, LlamaConfig
 from llama_jax.model import Params, param_shapes
+from llama_jax.partitioning import placed_shapes
 
 CONFIG_FILE = "llama_jax.json"
 PARAMS_DIR = "params"
@@ -59,11 +58,7 @@ def load_orbax(path: str | Path, config: LlamaConfig, shardings: Params) -> Para
     """Params restored straight into `shardings`, cast to `config.param_dtype` if the saved
     dtype differs."""
     path = Path(path).absolute()
-    target = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        param_shapes(config),
-        shardings,
-    )
+    target = placed_shapes(param_shapes(config), shardings)
     try:
         with _checkpointer() as ckptr:
             return ckptr.restore(path / PARAMS_DIR, target)

@@ -1,0 +1,80 @@
+"""Reading a training run's directory: the model config and parameters of one saved step.
+
+A run directory holds `checkpoints/<step>/`, one Orbax item per entry of `ITEMS` (the training
+package writes them: see `train.checkpoint`). Only `model_config` and `params` are read here, so
+`llama_jax.load(run_dir)` needs nothing from the training package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llama_jax.checkpoint.errors import CheckpointError
+from llama_jax.checkpoint.placement import ShardingsLike, resolve_shardings
+from llama_jax.config import LlamaConfig
+from llama_jax.model import Params, param_shapes
+from llama_jax.partitioning import placed_shapes
+
+CHECKPOINTS = "checkpoints"
+ITEMS = ("params", "opt_state", "progress", "data", "model_config", "run")
+
+
+def checkpoint_root(path: Path) -> tuple[Path, int | None]:
+    """(Orbax manager directory, step or None for the latest) for a run directory, its
+    `checkpoints/` directory or one step directory."""
+    if (path / CHECKPOINTS).is_dir():
+        return path / CHECKPOINTS, None
+    if (path / "params").is_dir() and path.name.isdigit():
+        return path.parent, int(path.name)
+    return path, None
+
+
+def _open(path: str | Path) -> tuple[Any, int]:
+    """A read-only Orbax manager on `path` and the step to read. Orbax is imported here, on
+    first use, for the reason `orbax_io` gives."""
+    import orbax.checkpoint as ocp
+
+    root, step = checkpoint_root(Path(path).resolve())
+    manager = ocp.CheckpointManager(
+        root, options=ocp.CheckpointManagerOptions(read_only=True), item_names=ITEMS
+    )
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        manager.close()
+        raise CheckpointError(
+            f"{path}: no training checkpoint found (expected {CHECKPOINTS}/<step>/)"
+        )
+    return manager, step
+
+
+def _read_config(manager: Any, step: int) -> LlamaConfig:
+    import orbax.checkpoint as ocp
+
+    meta = manager.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
+    return LlamaConfig.from_dict(meta["model_config"])
+
+
+def read_model_config(path: str | Path) -> LlamaConfig:
+    """The model config saved with a run's latest checkpoint (or with the step dir given)."""
+    manager, step = _open(path)
+    with manager:
+        return _read_config(manager, step)
+
+
+def load_run_params(
+    path: str | Path, shardings: ShardingsLike = None
+) -> tuple[LlamaConfig, Params]:
+    """(model config, float32 params) of a run's latest checkpoint (or of the step directory
+    given), restored straight into `shardings` (as `llama_jax.load` takes them; default: the
+    first device)."""
+    import orbax.checkpoint as ocp
+
+    manager, step = _open(path)
+    with manager:
+        config = _read_config(manager, step)
+        target = placed_shapes(param_shapes(config), resolve_shardings(config, shardings))
+        restored = manager.restore(
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+        )
+    return config, restored["params"]
