@@ -187,7 +187,7 @@ class Attention(nnx.Module):
         if isinstance(mask, Documents):
             # Constrained on both sides, the kernel's layout change (sequence split -> heads
             # split) is one all-to-all each way; unconstrained, the partitioner gathered whole
-            # activations across all devices in the weight gradients (16 GiB per chip, 405B).
+            # activations across all devices in the weight gradients (gigabytes per chip at 405B).
             kv_layout = (BATCH, LENGTH, KV_HEADS, None)
             k, v = constrain(k, kv_layout), constrain(v, kv_layout)
             out = splash.splash_attention(q, k, v, mask.segment_ids)

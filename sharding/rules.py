@@ -1,6 +1,6 @@
 """The one table mapping logical axis names to mesh axes, and its named presets.
 
-The model, KV cache and batches name their axes logically (see notes/CONTRACTS.md); this table
+The model, KV cache and batches name their axes logically (see docs/DESIGN.md); this table
 says which mesh axes each name is split over, one column per preset. Mesh axes of size 1 or
 absent from the mesh drop out, and a mesh axis already used by an earlier dimension of the same
 array is skipped, so every preset works on every mesh: ``fsdp`` on ``data=8`` is plain data

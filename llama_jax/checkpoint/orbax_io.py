@@ -35,9 +35,9 @@ def read_config(path: Path) -> LlamaConfig:
 
 
 def _checkpointer():
-    """Orbax's checkpointer, imported on first use: Orbax and TensorStore add ~40 MB of resident
-    memory and ~0.3 s of start-up to every process that imports them, and loading Hugging Face
-    or Meta checkpoints (what inference mostly does) never needs them."""
+    """Orbax's checkpointer, imported on first use: Orbax and TensorStore add tens of MB of
+    resident memory and a noticeable start-up to every process that imports them, and loading
+    Hugging Face or Meta checkpoints (what inference mostly does) never needs them."""
     import orbax.checkpoint as ocp
 
     return ocp.StandardCheckpointer()
