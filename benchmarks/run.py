@@ -22,13 +22,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from benchmarks.contention import wait_for_quiet
+from benchmarks.ours import random_params
 from benchmarks.report import row_report, table
 from benchmarks.worker import Spec, build
 from benchmarks.workload import BENCH_PRESET, ROWS, WEIGHT_SEED, Row, resolve_row
+from llama_jax.api import Model
+from llama_jax.checkpoint.export import export
+from llama_jax.config import preset
 
 # XLA CPU settings for our side; recorded in the report. (Set before JAX starts, so per process.)
 OURS_XLA_FLAGS = ""
@@ -112,11 +117,6 @@ def select_rows(only: str | None) -> list[Row]:
 
 def export_weights(preset_name: str, seed: int, dst: Path) -> Path:
     """Our benchmark weights written as an HF checkpoint, for the reference to load."""
-    from benchmarks.ours import random_params
-    from llama_jax.api import Model
-    from llama_jax.checkpoint.export import export
-    from llama_jax.config import preset
-
     config = preset(preset_name)
     return export(Model(config, random_params(config, seed)), dst, "hf")
 
@@ -179,14 +179,10 @@ def _contended(runs, max_foreign: float) -> bool:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import version
-
     return {p: version(p) for p in ("jax", "jaxlib", "flax", "optax", "torch", "transformers")}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from llama_jax.config import preset
-
     config = preset(args.preset)
     rows = select_rows(args.only)
     started, load_before = time.time(), os.getloadavg()

@@ -21,11 +21,17 @@ import tempfile
 import time
 from pathlib import Path
 
-# Before jax is imported (by `main`): the CPU, split into 8 emulated devices.
+# Before jax is imported (by the imports below): the CPU, split into 8 emulated devices.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+
+from llama_jax import compile_cache
+from train.config import load_config
+from train.corpus import facts, score
+from train.loop import run
+from train.tokenizers import BYTES, LLAMA3, load_tokenizer, meta_tokenizer_path
 
 SHOWN = ("2+3=", "7+8=", "9+9=", "6-4=", "9-0=", "8-5=")
 
@@ -46,12 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="run directory (default: a new temporary directory)")
     p.add_argument("--steps", type=int, help="training steps (default: configs/demo.yaml)")
     args = p.parse_args(argv)
-
-    from llama_jax import compile_cache
-    from train.config import load_config
-    from train.corpus import facts, score
-    from train.loop import run
-    from train.tokenizers import BYTES, LLAMA3, load_tokenizer, meta_tokenizer_path
 
     compile_cache.enable()
     out = Path(args.out or tempfile.mkdtemp(prefix="llama_jax_demo_"))

@@ -14,6 +14,10 @@ import argparse
 import sys
 from typing import Any
 
+from llama_jax import compile_cache
+from train.config import load_config, parse_assignments
+from train.loop import PREEMPTED_EXIT_CODE, USER_ERRORS, run
+
 # Flag -> (config key path, type). Every flag defaults to "not given" so the file's value stays.
 FLAGS: dict[str, tuple[str, type]] = {
     "--preset": ("model", str),
@@ -38,8 +42,6 @@ FLAGS: dict[str, tuple[str, type]] = {
 
 def parse_args(argv: list[str] | None = None) -> tuple[str | None, dict[str, Any]]:
     """(config file or name, nested overrides) from the command line."""
-    from train.config import parse_assignments
-
     p = argparse.ArgumentParser(
         prog="python -m llama_jax.train", description=__doc__.split("\n")[0]
     )
@@ -66,10 +68,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     config_name, overrides = parse_args(argv)
-    from llama_jax import compile_cache
-    from train.config import load_config
-    from train.loop import PREEMPTED_EXIT_CODE, USER_ERRORS, run
-
     compile_cache.enable()
     try:
         result = run(load_config(config_name, overrides))
