@@ -100,13 +100,11 @@ class LlamaConfig:
         return cls(**d)
 
     def param_count(self) -> int:
-        """Exact parameter count, from shapes alone."""
-        d, L = self.dim, self.n_layers
-        attn = d * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-        mlp = 3 * d * self.ffn_dim
-        per_layer = attn + mlp + 2 * d
-        head = 0 if self.tie_embeddings else d * self.vocab_size
-        return self.vocab_size * d + L * per_layer + d + head
+        """Exact parameter count, from shapes alone: the matmul weights, two norms per layer
+        and the final one, and the embedding table unless the head is that table."""
+        norms = self.dim * (2 * self.n_layers + 1)
+        embedding = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        return self.matmul_params() + norms + embedding
 
     def matmul_params(self) -> int:
         """Weights that multiply activations, the N of every model-FLOPs count (training MFU,

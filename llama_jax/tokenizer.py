@@ -62,6 +62,11 @@ AllowedSpecial = Literal["all"] | set[str] | frozenset[str]
 LLAMA3_BASE_VOCAB = 128_000
 
 
+def special_token_ids(base: int) -> dict[str, int]:
+    """Every special token's id when the base vocabulary has `base` ids (Llama 3's layout)."""
+    return {name: base + i for i, name in enumerate(SPECIAL_TOKEN_NAMES)}
+
+
 def _special_id(base: int, name: str) -> int:
     return base + SPECIAL_TOKEN_NAMES.index(name)
 
@@ -114,9 +119,7 @@ class Tokenizer(_SpecialIds):
             ranks, self.special_tokens = _load_hf_json(self.path)
         else:
             ranks = _load_tiktoken_ranks(self.path)
-            self.special_tokens = {
-                name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKEN_NAMES)
-            }
+            self.special_tokens = special_token_ids(len(ranks))
         self.encoding = tiktoken.Encoding(
             name=self.path.name,
             pat_str=PAT_STR,
@@ -291,7 +294,7 @@ class ByteTokenizer(_SpecialIds):
     n_words = 256 + NUM_SPECIAL_TOKENS
 
     def __init__(self) -> None:
-        self.special_tokens = {name: 256 + i for i, name in enumerate(SPECIAL_TOKEN_NAMES)}
+        self.special_tokens = special_token_ids(256)
         self._name_special_ids(256)
 
     def encode(
