@@ -133,9 +133,10 @@ class Scheduler:
                 f"prompt has {len(prompt_ids)} tokens; the context is {self.engine.max_len} "
                 f"tokens, so a prompt may have 1..{limit}"
             )
-        vocab = self.engine.config.vocab_size
-        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise EngineError(f"prompt token ids must be in [0, {vocab}), got {prompt_ids[:8]}...")
+        try:
+            self.engine.config.check_token_ids(prompt_ids, "prompt")
+        except ValueError as e:
+            raise EngineError(str(e)) from None
         stop_ids = self.default_stop_ids if params.stop_token_ids is None else params.stop_token_ids
         try:
             stream = TextStream(self.tokenizer, params.stop)

@@ -10,26 +10,30 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
 import uvicorn
 
+from infer.access_log import AccessLog
 from infer.batching import Request, Scheduler, scheduler_for
 from infer.engine import EngineError, bucket
 from infer.generate import Completion
 from infer.sampling import SamplingError, SamplingParams
 from infer.server import Limits, create_app
 from infer.tools import check_tools, may_be_tool_call, with_tools
-from llama_jax import compile_cache
+from llama_jax import compile_cache, platforms
 from llama_jax.api import Model, init
-from llama_jax.chat import encode_dialog, parse_assistant
+from llama_jax.chat import encode_dialog, parse_assistant, require_chat_format
 from llama_jax.checkpoint.errors import CheckpointError
 from llama_jax.checkpoint.load import load
 from llama_jax.config import ConfigError, preset
-from llama_jax.tokenizer import Tokenizer
+from llama_jax.tokenizer import open_tokenizer
+from llama_jax.tokenizer_base import TokenizerError
 from sharding.mesh import ShardingError, make_mesh
 from sharding.place import place
 from sharding.rules import resolver
@@ -139,8 +143,8 @@ def load_model(args: argparse.Namespace) -> Model:
             model.params, model.mesh = place(model.params, config, mesh, args.rules), mesh
     if args.tokenizer:
         try:
-            model.tokenizer = Tokenizer(args.tokenizer)
-        except ValueError as e:
+            model.tokenizer = open_tokenizer(args.tokenizer)
+        except TokenizerError as e:
             raise CLIError(f"--tokenizer: {e}") from None
     return model
 
@@ -181,6 +185,16 @@ def need_tokenizer(model: Any, args: argparse.Namespace, flag: str) -> Any:
             "pass --tokenizer FILE or use --prompt-ids"
         )
     return model.tokenizer
+
+
+def need_chat_tokenizer(model: Any, args: argparse.Namespace, flag: str) -> Any:
+    """The tokenizer, if it has the Llama 3 chat format (a SentencePiece one has none)."""
+    tok = need_tokenizer(model, args, flag)
+    try:
+        require_chat_format(tok)
+    except ValueError as e:
+        raise CLIError(f"{flag}: {e}") from None
+    return tok
 
 
 # --- generation ----------------------------------------------------------------------------
@@ -229,7 +243,7 @@ def read_jobs(
         elif "prompt_ids" in row:
             ids = row.pop("prompt_ids")
         else:
-            tok = need_tokenizer(model, args, where)
+            tok = need_chat_tokenizer(model, args, where)
             ids = encode_dialog(
                 tok, with_tools(row.pop("messages"), check_tools(row.pop("tools", [])))
             )
@@ -247,12 +261,29 @@ def read_jobs(
 
 
 def check_fits(jobs: Sequence[tuple[list[int], SamplingParams]], context: int, what: str) -> None:
+    """Refuse a prompt the context cannot hold; warn (once) when generation will be cut short."""
     for ids, _ in jobs:
         if not 1 <= len(ids) <= context - 1:
             raise CLIError(
                 f"{what}: prompt has {len(ids)} tokens, but the context (--max-seq-len) is "
                 f"{context}, so it may have 1..{context - 1}"
             )
+    longest = max(jobs, key=lambda job: len(job[0]) + job[1].max_new_tokens)
+    warn_if_capped(len(longest[0]), longest[1].max_new_tokens, context)
+
+
+def warn_if_capped(prompt_len: int, max_new_tokens: int, context: int) -> bool:
+    """Print one warning when `max_new_tokens` does not fit after the prompt; True if so."""
+    room = context - prompt_len
+    if max_new_tokens <= room:
+        return False
+    print(
+        f"{PROG}: warning: --max-new-tokens {max_new_tokens} does not fit: the context "
+        f"(--max-seq-len {context}) leaves {room} tokens after a {prompt_len}-token prompt, "
+        f"so generation stops there",
+        file=sys.stderr,
+    )
+    return True
 
 
 def run_prompts(model: Any, args: argparse.Namespace) -> None:
@@ -275,7 +306,7 @@ def run_prompts(model: Any, args: argparse.Namespace) -> None:
     scheduler.run_until_done(requests)
     for r in requests:
         if args.json:
-            print(json.dumps(result_json(r)), flush=True)
+            print(json.dumps(result_json(r, decoded=model.tokenizer is not None)), flush=True)
         elif stream:
             print()
         else:
@@ -283,15 +314,26 @@ def run_prompts(model: Any, args: argparse.Namespace) -> None:
     logging.getLogger(PROG).info("compiled: %s", scheduler.engine.compiles)
 
 
-def result_json(r: Request) -> dict[str, Any]:
+# Why "text" is null in --json output: the ids were never decoded.
+NO_TOKENIZER_NOTE = (
+    "text is null: no tokenizer (the checkpoint has no tokenizer.model or tokenizer.json); "
+    "pass --tokenizer FILE to decode generated_ids"
+)
+
+
+def result_json(r: Request, decoded: bool = True) -> dict[str, Any]:
+    """One result for --json. Without a tokenizer (`decoded` False) "text" is null and a
+    "note" says why, so an absent text is never mistaken for an empty generation."""
     c = Completion.of(r)
     out = {
         "prompt_ids": c.prompt_ids,
         "generated_ids": c.token_ids,
-        "text": c.text,
+        "text": c.text if decoded else None,
         "finish_reason": c.finish_reason,
         "timings": c.timings,
     }
+    if not decoded:
+        out["note"] = NO_TOKENIZER_NOTE
     if c.logprobs is not None:
         out["logprobs"] = c.logprobs
     if c.top_logprobs is not None:
@@ -305,7 +347,7 @@ def result_json(r: Request) -> dict[str, Any]:
 def run_chat(model: Any, args: argparse.Namespace) -> None:
     """Read user turns from stdin, stream the assistant's replies. `/reset` forgets the
     conversation, `/tool TEXT` answers a tool call with its result, `/exit` (or EOF) quits."""
-    tok = need_tokenizer(model, args, "--chat")
+    tok = need_chat_tokenizer(model, args, "--chat")
     tools = load_tools(args.tools)
     params = sampling_from(args)
     context = context_len(model, args, resident=True)
@@ -313,13 +355,15 @@ def run_chat(model: Any, args: argparse.Namespace) -> None:
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
     interactive = sys.stdin.isatty()
-    if interactive:
-        print("chat: /reset forgets, /tool TEXT answers a tool call, /exit quits", file=sys.stderr)
+    print("chat: /reset forgets, /tool TEXT answers a tool call, /exit quits", file=sys.stderr)
+    warned = False
     while True:
         try:
             line = input("> " if interactive else "")
         except EOFError:
             break
+        if not interactive:  # no terminal echoes piped input: show the turn being answered
+            print(f"> {line}", file=sys.stderr, flush=True)
         if line.strip() in ("/exit", "/quit"):
             break
         if line.strip() == "/reset":
@@ -337,6 +381,7 @@ def run_chat(model: Any, args: argparse.Namespace) -> None:
                   f"context ({context}) allows; /reset to start over", file=sys.stderr)  # fmt: skip
             history.pop()
             continue
+        warned = warned or warn_if_capped(len(ids), params.max_new_tokens, context)
         request, streamed = chat_turn(scheduler, ids, params, hold=bool(tools), quiet=args.json)
         message = parse_assistant(tok, request.token_ids) if tools else None
         if message is None or not message["tool_calls"]:
@@ -399,6 +444,8 @@ def server_parser() -> Parser:
     p.add_argument("--max-tokens", type=positive, help="max_tokens bound (default: the context)")
     p.add_argument("--max-waiting", type=positive, default=64,
                    help="queued requests beyond the decode slots; more get 429 (default 64)")  # fmt: skip
+    p.add_argument("--quiet", action="store_true",
+                   help="no access-log line per request (the ready line is still printed)")  # fmt: skip
     return p
 
 
@@ -409,13 +456,34 @@ def serve(model: Model, args: argparse.Namespace) -> None:
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens or context)
     name = args.model_name or (Path(args.checkpoint).name if args.checkpoint else args.preset)
     app = create_app(scheduler, model_name=name, limits=limits)
-    uvicorn.run(
+    if not args.quiet:
+        app.add_middleware(AccessLog, write=partial(print, flush=True))
+    config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         limit_concurrency=args.max_batch + args.max_waiting + 16,
         log_level="info" if args.verbose else "warning",
     )
+    AnnouncingServer(config, name).run()
+
+
+class AnnouncingServer(uvicorn.Server):
+    """uvicorn's server, printing one line once it accepts requests: where, and which model."""
+
+    def __init__(self, config: uvicorn.Config, model_name: str) -> None:
+        super().__init__(config)
+        self.model_name = model_name
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            print(
+                f"serving {self.model_name!r} at http://{host}:{port}/v1 "
+                f"(OpenAI API; Ctrl-C to stop)",
+                flush=True,
+            )
 
 
 # --- entry point ---------------------------------------------------------------------------
@@ -423,6 +491,7 @@ def serve(model: Model, args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    platforms.skip_absent_tpu()
     compile_cache.enable()
     try:
         if argv[:1] == ["serve"]:
@@ -435,7 +504,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             sampling_from(args)  # bad sampling flags fail before a long checkpoint load
             model = load_model(args)
             run_chat(model, args) if args.chat else run_prompts(model, args)
-    except (CLIError, EngineError, CheckpointError, ConfigError, ShardingError, OSError) as e:
+    except (
+        CLIError,
+        EngineError,
+        CheckpointError,
+        ConfigError,
+        ShardingError,
+        TokenizerError,
+        OSError,
+    ) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

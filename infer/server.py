@@ -153,7 +153,7 @@ class API:
         prompts = self._completion_prompts(body.prompt)
         top = body.logprobs or 0
         params = self._sampling(body, max_new, body.logprobs is not None, top)
-        job = Job(self.scheduler)
+        job = http.state.job = Job(self.scheduler)  # the access log reads its token counts
         job.submit(prompts, params)
         rid, created = new_id("cmpl"), now()
 
@@ -216,7 +216,7 @@ class API:
         max_new = self._check(body, body.max_completion_tokens or body.max_tokens, room)
         want_lp = bool(body.logprobs)
         params = self._sampling(body, max_new, want_lp, body.top_logprobs or 0 if want_lp else 0)
-        job = Job(self.scheduler)
+        job = http.state.job = Job(self.scheduler)
         job.submit([ids], params)
         r = job.requests[0]
         rid, created = new_id("chatcmpl"), now()

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from llama_jax.tokenizer import StreamingDetokenizer, Tokenizer
+from llama_jax.tokenizer import TextTokenizer
 
 
 class TextStream:
     """Feed generated ids with `add`; read the released text pieces it returns."""
 
-    def __init__(self, tokenizer: Tokenizer | None, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: TextTokenizer | None, stop: Sequence[str] = ()) -> None:
         if stop and tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this checkpoint has none")
-        self._detok = StreamingDetokenizer(tokenizer) if tokenizer is not None else None
+        self._detok = tokenizer.detokenizer() if tokenizer is not None else None
         self._stop = tuple(stop)
         self._full = ""  # everything decoded so far
         self._released = 0

@@ -16,7 +16,8 @@ from llama_jax.config import (
 )
 from llama_jax.kv_cache import KVCache
 from llama_jax.model import forward, init_params, logical_axes, param_shapes
-from llama_jax.tokenizer import StreamingDetokenizer, Tokenizer, find_tokenizer
+from llama_jax.sentencepiece_tokenizer import SentencePieceTokenizer
+from llama_jax.tokenizer import StreamingDetokenizer, Tokenizer, find_tokenizer, open_tokenizer
 
 __all__ = [
     "CheckpointError",
@@ -25,6 +26,7 @@ __all__ = [
     "LlamaConfig",
     "Model",
     "RopeScaling",
+    "SentencePieceTokenizer",
     "StreamingDetokenizer",
     "Tokenizer",
     "export",
@@ -36,6 +38,7 @@ __all__ = [
     "init_params",
     "load",
     "logical_axes",
+    "open_tokenizer",
     "param_shapes",
     "preset",
     "preset_names",

@@ -30,9 +30,11 @@ class Model:
 
     def logits(self, tokens: Any, positions: Any = None, segment_ids: Any = None) -> np.ndarray:
         """float32 numpy [batch, time, vocab] for int tokens [batch, time]."""
-        tokens = jnp.asarray(np.asarray(tokens, dtype=np.int32))
+        tokens = np.asarray(tokens, dtype=np.int32)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+        self.config.check_token_ids(tokens)
+        tokens = jnp.asarray(tokens)
         if positions is not None:
             positions = jnp.asarray(np.asarray(positions, dtype=np.int32))
         if segment_ids is not None:

@@ -58,9 +58,21 @@ def encode_dialog_with_mask(
     return _encode(tokenizer, messages, add_generation_prompt=False)
 
 
+def require_chat_format(tokenizer: Any) -> None:
+    """Raise ValueError unless `tokenizer` can spell this format: it needs Llama 3's header and
+    end-of-turn tokens, which SentencePiece (Llama 1/2) vocabularies do not have."""
+    if getattr(tokenizer, "start_header_id", None) is None:
+        where = getattr(tokenizer, "path", type(tokenizer).__name__)
+        raise ValueError(
+            f"{where}: chat needs a Llama 3 tokenizer (<|start_header_id|>, <|eot_id|>); "
+            "this one has no chat format, so give a plain text prompt"
+        )
+
+
 def _encode(
     tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool
 ) -> tuple[list[int], list[int]]:
+    require_chat_format(tokenizer)
     ids = [tokenizer.bos_id]
     mask = [0]
     for message in messages:

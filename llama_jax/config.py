@@ -14,6 +14,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_KERNELS = ("auto", "xla", "splash")
@@ -115,6 +117,21 @@ class LlamaConfig:
         mlp = 3 * self.dim * self.ffn_dim
         return self.n_layers * (attn + mlp) + self.dim * self.vocab_size
 
+    def check_token_ids(self, ids: Any, what: str = "tokens") -> None:
+        """Raise `ValueError` naming the first id outside [0, vocab_size) and where it is.
+
+        Inside jit an out-of-range id gathers a clamped or NaN-filled embedding row and the
+        logits silently become garbage, so every public entry point checks its ids here first.
+        """
+        ids = np.asarray(ids)
+        bad = np.argwhere((ids < 0) | (ids >= self.vocab_size))
+        if len(bad):
+            where = tuple(int(i) for i in bad[0])
+            raise ValueError(
+                f"{what}: token id {int(ids[where])} at index {list(where)} is out of range: "
+                f"this model's vocab_size is {self.vocab_size} (ids 0..{self.vocab_size - 1})"
+            )
+
 
 # --- presets ---------------------------------------------------------------------------------
 
@@ -123,7 +140,7 @@ _BASE_KEY = "base"
 
 
 @cache
-def _preset_table() -> dict[str, dict[str, Any]]:
+def _preset_entries() -> dict[str, dict[str, Any]]:
     """`presets.json` with every entry's `base` chain resolved. An entry holds only what a
     checkpoint's config holds (its architecture); one may start from the fields of the entry
     its `base` names, and entries named `_...` exist only to be such bases."""
@@ -134,7 +151,13 @@ def _preset_table() -> dict[str, dict[str, Any]]:
         base = entry.pop(_BASE_KEY, None)
         return {**resolved(base), **entry} if base else entry
 
-    return {name: resolved(name) for name in raw if not name.startswith("_")}
+    return {name: resolved(name) for name in raw}
+
+
+@cache
+def _preset_table() -> dict[str, dict[str, Any]]:
+    """The named presets: every entry but the `_...` bases."""
+    return {name: e for name, e in _preset_entries().items() if not name.startswith("_")}
 
 
 def preset_names() -> list[str]:
@@ -180,11 +203,20 @@ def _require(d: dict[str, Any], key: str, source: str) -> Any:
     return d[key]
 
 
+def _meta_context_length(scaled_rope: bool) -> int:
+    """The context length of a Meta checkpoint, which `params.json` does not hold (llama_models
+    takes it from its caller; ModelArgs' 2048 is a KV-cache default, not the model's): the one
+    Meta published for the Llama 3 generation the file's RoPE names, as HF's conversion script
+    does: 3.1 and later (scaled RoPE) 131072, 3.0 8192, from the `_llama3.1` / `_llama3` bases."""
+    return int(_preset_entries()["_llama3.1" if scaled_rope else "_llama3"]["max_seq_len"])
+
+
 def from_meta_params(params: dict[str, Any] | str | Path, **overrides: Any) -> LlamaConfig:
     """Read Meta's `params.json` (dict or path).
 
     `use_scaled_rope` turns on Llama 3.1 scaling; its factor is `rope_scaling_factor` when present
-    (Llama 3.2 1B/3B ship 32), else Meta's default of 8.
+    (Llama 3.2 1B/3B ship 32), else Meta's default of 8. The head is never tied: Meta's files
+    always hold `output.weight`. Nor do they hold `max_seq_len`: it is `_meta_context_length`.
     """
     source = str(params) if not isinstance(params, dict) else "params.json"
     p = params if isinstance(params, dict) else _read_json(Path(params))
@@ -211,8 +243,7 @@ def from_meta_params(params: dict[str, Any] | str | Path, **overrides: Any) -> L
         norm_eps=float(p.get("norm_eps", 1e-5)),
         rope_theta=float(p.get("rope_theta", 10000.0)),
         rope_scaling=scaling,
-        tie_embeddings=bool(p.get("tie_embeddings", False)),
-        max_seq_len=int(p.get("max_seq_len", 8192)),
+        max_seq_len=int(p.get("max_seq_len", _meta_context_length(scaling is not None))),
     )
     try:
         return LlamaConfig(**{**fields, **overrides})
@@ -221,8 +252,11 @@ def from_meta_params(params: dict[str, Any] | str | Path, **overrides: Any) -> L
 
 
 def to_meta_params(config: LlamaConfig) -> dict[str, Any]:
-    """Meta `params.json` for `config`. FFN width is given exactly via `ffn_dim_multiplier`-free
-    `multiple_of` when that reproduces it, else written through our own `ffn_dim` key."""
+    """Meta `params.json` for `config`: the keys llama_models' ModelArgs reads, plus RoPE scaling
+    values where Meta's own defaults would be wrong. FFN width is given by `multiple_of` (and
+    `ffn_dim_multiplier` when needed) under Meta's formula. Meta has no key for tying (a tied
+    model's Meta checkpoint holds `output.weight`, see `export.stored_model`) nor for the context
+    length (Meta's loader passes its own `max_seq_len` next to these keys: a second one fails)."""
     p: dict[str, Any] = {
         "dim": config.dim,
         "n_layers": config.n_layers,
@@ -235,14 +269,13 @@ def to_meta_params(config: LlamaConfig) -> dict[str, Any]:
     }
     p.update(_meta_ffn_fields(config.dim, config.ffn_dim))
     if config.rope_scaling is not None:
-        s = config.rope_scaling
-        p["rope_scaling_factor"] = s.factor
-        if (s.low_freq_factor, s.high_freq_factor, s.original_max_position) != (1.0, 4.0, 8192):
+        s, meta = config.rope_scaling, RopeScaling()  # RopeScaling's defaults are Meta's values
+        if s.factor != meta.factor:
+            p["rope_scaling_factor"] = s.factor
+        if dataclasses.replace(s, factor=meta.factor) != meta:  # any of the other three differ
             p["rope_low_freq_factor"] = s.low_freq_factor
             p["rope_high_freq_factor"] = s.high_freq_factor
             p["rope_original_max_position"] = s.original_max_position
-    if config.tie_embeddings:
-        p["tie_embeddings"] = True
     return p
 
 

@@ -9,16 +9,25 @@ loaded params.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from llama_jax import platforms
 from llama_jax.checkpoint import layout, sources
 from llama_jax.checkpoint.errors import CheckpointError
-from llama_jax.checkpoint.export import DEFAULT_SHARD_BYTES, export, export_files
+from llama_jax.checkpoint.export import (
+    DEFAULT_SHARD_BYTES,
+    Target,
+    export,
+    export_files,
+    stored_model,
+)
 from llama_jax.checkpoint.load import detect_layout, load, param_dtype
 from llama_jax.checkpoint.placement import progress_bar
+from llama_jax.config import LlamaConfig
 from llama_jax.tokenizer import find_tokenizer
 
 _UNITS = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "B": 1}
@@ -44,6 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _elements_per_rank(config: LlamaConfig, get: layout.LayerGetter, to: Target) -> int:
+    """Elements an export to `to` reads for each file rank: every tensor the checkpoint stores,
+    whole (a tied head stored by Meta is the embeddings read a second time)."""
+    stored, _ = stored_model(config, get, to)
+    return sum(
+        math.prod(layout.torch_shape_full(spec, stored))
+        for _, spec, _ in layout.tensor_names(stored, to)
+    )
+
+
 def convert(
     src: Path,
     dst: Path,
@@ -60,15 +79,14 @@ def convert(
     if kind in ("meta", "hf") and to in ("hf", "meta"):
         source = sources.read_meta(root) if kind == "meta" else sources.read_hf(root)
         config = source.config.replace(param_dtype=source.dtype.name)
-        reads = mp if to == "meta" else 1  # a Meta export reads every tensor once per rank
-        per_read = sum(
-            np.prod(a.shape) * a.dtype.itemsize for v in source.arrays.values() for a in v
-        )
-        with progress_bar(int(reads * per_read), progress) as bar:
+        ranks = mp if to == "meta" else 1  # a Meta export reads every tensor once per rank
+        itemsize = (out or source.dtype).itemsize  # progress counts bytes as written
+        total = ranks * _elements_per_rank(config, source.get, to) * itemsize
+        with progress_bar(total, progress) as bar:
 
             def get(spec: layout.TensorSpec, layer: int | None) -> np.ndarray:
                 x = source.get(spec, layer)
-                bar.update(x.nbytes)
+                bar.update(x.size * itemsize)
                 return x
 
             tokenizer = find_tokenizer(root)
@@ -88,6 +106,7 @@ def convert(
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    platforms.skip_absent_tpu()
     try:
         dst = convert(
             args.src,

@@ -27,7 +27,7 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
-from llama_jax import compile_cache
+from llama_jax import compile_cache, platforms
 from train.config import load_config
 from train.corpus import facts, score
 from train.loop import run
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="training steps (default: configs/demo.yaml)")
     args = p.parse_args(argv)
 
+    platforms.skip_absent_tpu()
     compile_cache.enable()
     out = Path(args.out or tempfile.mkdtemp(prefix="llama_jax_demo_"))
     overrides: dict = {"checkpoint_dir": str(out / "run")}

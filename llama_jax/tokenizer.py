@@ -4,14 +4,14 @@ Both files describe the same byte-level BPE: Meta's as `<base64 bytes> <rank>` l
 vocab whose keys are bytes spelled with GPT-2's byte-to-unicode alphabet. Both are turned into
 tiktoken mergeable ranks here (tiktoken merges by rank, so the ids are identical), and the 256
 Llama 3 special tokens sit right after the base vocabulary (ids 128000..128255). A byte-level
-tokenizer with the same special tokens serves small test models.
+tokenizer with the same special tokens serves small test models. SentencePiece files (Llama 1/2)
+are read by `llama_jax.sentencepiece_tokenizer`; `open_tokenizer` tells the kinds apart.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import codecs
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tiktoken
+
+from llama_jax.sentencepiece_tokenizer import SentencePieceTokenizer, is_sentencepiece_model
+from llama_jax.tokenizer_base import StreamingDetokenizer, TokenizerError
 
 # Llama 3 pre-tokenizer split pattern (same string in Meta's tokenizer and HF's tokenizer.json).
 PAT_STR = (
@@ -160,6 +163,10 @@ class Tokenizer(_SpecialIds):
         """Raw bytes of one token (part of a UTF-8 character for some ids)."""
         return self.encoding.decode_single_token_bytes(token_id)
 
+    def detokenizer(self) -> StreamingDetokenizer:
+        """A fresh streaming decoder of this tokenizer's ids."""
+        return StreamingDetokenizer(self)
+
 
 def _pieces(text: str) -> Iterator[str]:
     """Cut `text` into Meta's encode pieces: 400k-char chunks, runs of at most 25k chars."""
@@ -176,9 +183,9 @@ def _pieces(text: str) -> Iterator[str]:
 def _check_dense(path: Path, ranks: dict[bytes, int]) -> None:
     """tiktoken needs ranks 0..n-1; anything else is not a Llama 3 vocabulary."""
     if not ranks:
-        raise ValueError(f"{path}: no BPE tokens found")
+        raise TokenizerError(f"{path}: no BPE tokens found")
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{path}: expected BPE ranks to be exactly 0..{len(ranks) - 1}")
+        raise TokenizerError(f"{path}: expected BPE ranks to be exactly 0..{len(ranks) - 1}")
 
 
 def _load_tiktoken_ranks(path: Path) -> dict[bytes, int]:
@@ -187,7 +194,7 @@ def _load_tiktoken_ranks(path: Path) -> dict[bytes, int]:
     try:
         lines = path.read_text(encoding="ascii").splitlines()
     except UnicodeDecodeError:
-        raise ValueError(
+        raise TokenizerError(
             f"{path}: expected tiktoken BPE lines '<base64> <rank>', found non-ASCII bytes"
         ) from None
     for lineno, line in enumerate(lines, 1):
@@ -197,7 +204,7 @@ def _load_tiktoken_ranks(path: Path) -> dict[bytes, int]:
             token, rank = line.split()
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except (ValueError, binascii.Error):
-            raise ValueError(
+            raise TokenizerError(
                 f"{path}:{lineno}: expected tiktoken BPE line '<base64> <rank>', got {line[:60]!r}"
             ) from None
     _check_dense(path, ranks)
@@ -229,30 +236,32 @@ def _load_hf_json(path: Path) -> tuple[dict[bytes, int], dict[str, int]]:
         vocab: dict[str, int] = model["vocab"]
         added: list[dict[str, Any]] = data.get("added_tokens") or []
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(
+        raise TokenizerError(
             f"{path}: expected an HF tokenizer.json with model.vocab and added_tokens"
         ) from None
     if model.get("type") != "BPE" or not isinstance(vocab, dict):
-        raise ValueError(f"{path}: expected a byte-level BPE model, got {model.get('type')!r}")
+        raise TokenizerError(f"{path}: expected a byte-level BPE model, got {model.get('type')!r}")
     for pattern in _regex_patterns(data.get("pre_tokenizer")):
         if pattern != PAT_STR:
-            raise ValueError(f"{path}: expected the Llama 3 pre-tokenizer pattern, got {pattern!r}")
+            raise TokenizerError(
+                f"{path}: expected the Llama 3 pre-tokenizer pattern, got {pattern!r}"
+            )
     table = _byte_alphabet()
     try:
         if not {ord(c) for c in "".join(vocab)} <= table.keys():
             raise ValueError
         ranks = {tok.translate(table).encode("latin-1"): int(i) for tok, i in vocab.items()}
     except (ValueError, TypeError):
-        raise ValueError(
+        raise TokenizerError(
             f"{path}: expected vocab keys in GPT-2 byte-level alphabet with int ids"
         ) from None
     _check_dense(path, ranks)
     try:
         special = {t["content"]: int(t["id"]) for t in added if int(t["id"]) >= len(ranks)}
     except (KeyError, ValueError, TypeError):
-        raise ValueError(f"{path}: expected added_tokens entries with content and id") from None
+        raise TokenizerError(f"{path}: expected added_tokens entries with content and id") from None
     if special.get(SPECIAL_TOKEN_NAMES[0]) != len(ranks):
-        raise ValueError(
+        raise TokenizerError(
             f"{path}: expected added token {SPECIAL_TOKEN_NAMES[0]} with id {len(ranks)}"
         )
     return ranks, special
@@ -270,16 +279,31 @@ def _regex_patterns(node: Any) -> Iterator[str]:
             yield from _regex_patterns(value)
 
 
-def find_tokenizer(checkpoint_dir: str | Path) -> Tokenizer | None:
+# The tokenizers a checkpoint can come with.
+TextTokenizer = Tokenizer | SentencePieceTokenizer
+
+
+def open_tokenizer(path: str | Path) -> TextTokenizer:
+    """The tokenizer in `path`, told apart by content, not name: a SentencePiece `.model`
+    (Llama 1/2; a binary protobuf), else Meta's Llama 3 `tokenizer.model` or an HF
+    `tokenizer.json`."""
+    path = Path(path)
+    if path.is_file() and is_sentencepiece_model(path):
+        return SentencePieceTokenizer(path)
+    return Tokenizer(path)
+
+
+def find_tokenizer(checkpoint_dir: str | Path) -> TextTokenizer | None:
     """The tokenizer shipped with a checkpoint, or None if the directory has none.
 
-    Looks, in order, for Meta's `tokenizer.model`, an HF repo's `original/tokenizer.model`, then
-    HF's `tokenizer.json`. A file that exists but is malformed raises rather than being skipped.
+    Looks, in order, for `tokenizer.model` (Meta's Llama 3 file or a Llama 1/2 SentencePiece
+    model), an HF repo's `original/tokenizer.model`, then HF's `tokenizer.json`. A file that
+    exists but is malformed raises rather than being skipped.
     """
     root = Path(checkpoint_dir)
     for rel in ("tokenizer.model", "original/tokenizer.model", "tokenizer.json"):
         if (root / rel).is_file():
-            return Tokenizer(root / rel)
+            return open_tokenizer(root / rel)
     return None
 
 
@@ -327,25 +351,3 @@ class ByteTokenizer(_SpecialIds):
             out.append(SPECIAL_TOKEN_NAMES[i - 256])
         out.append(pending.decode("utf-8", errors="replace"))
         return "".join(out)
-
-
-class StreamingDetokenizer:
-    """Turns ids arriving one at a time into text pieces for streaming output.
-
-    A token can end in the middle of a UTF-8 character; those bytes are held back until the
-    character completes, so no piece contains a broken sequence. Bytes that can never complete
-    become U+FFFD exactly as `Tokenizer.decode` does, so the pieces (plus `finish()`) always
-    concatenate to `decode(all_ids)`.
-    """
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def add(self, token_id: int) -> str:
-        """Feed one id; returns the text that is now complete (possibly empty)."""
-        return self._utf8.decode(self.tokenizer.token_bytes(token_id))
-
-    def finish(self) -> str:
-        """End of stream: returns whatever is held back (U+FFFD for an incomplete character)."""
-        return self._utf8.decode(b"", final=True)

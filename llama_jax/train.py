@@ -1,11 +1,9 @@
-"""`python -m llama_jax.train`: pretrain or fine-tune a Llama 3 model (see train/loop.py).
+"""`python -m llama_jax.train`: pretrain or fine-tune a Llama 3 model on a device mesh.
 
-    python -m llama_jax.train --config tiny-arithmetic --checkpoint-dir runs/a
-    python -m llama_jax.train --preset llama3.2-1b --init-from /ckpt/Llama3.2-1B --sft \\
-        --data chats.jsonl --mesh fsdp=-1 --steps 1000 --checkpoint-dir gs://bucket/run
-
-A checkpoint directory that already holds a checkpoint is resumed. Flags override the config
-file; `--set section.key=value` overrides any other field (e.g. `--set optim.lr=1e-4`).
+A run is a YAML config (a file, or a name from configs/) plus these flags, which override it;
+`--set section.key=value` overrides any other field. A checkpoint directory that already holds
+a checkpoint is resumed exactly; SIGTERM or Ctrl-C saves the step reached and stops (exit 143 or
+130), and rerunning the same command goes on from there.
 """
 
 from __future__ import annotations
@@ -14,46 +12,111 @@ import argparse
 import sys
 from typing import Any
 
-from llama_jax import compile_cache
-from train.config import load_config, parse_assignments
-from train.loop import PREEMPTED_EXIT_CODE, USER_ERRORS, run
+from llama_jax import compile_cache, platforms
+from train.config import TrainConfig, load_config, parse_assignments
+from train.loop import USER_ERRORS, run
 
-# Flag -> (config key path, type). Every flag defaults to "not given" so the file's value stays.
-FLAGS: dict[str, tuple[str, type]] = {
-    "--preset": ("model", str),
-    "--steps": ("steps", int),
-    "--batch": ("data.batch", int),
-    "--seq-len": ("data.seq_len", int),
-    "--mesh": ("mesh", str),
-    "--rules": ("rules", str),
-    "--seed": ("seed", int),
-    "--checkpoint-dir": ("checkpoint_dir", str),
-    "--save-every": ("save_every", int),
-    "--keep": ("keep", int),
-    "--init-from": ("init_from", str),
-    "--tokenizer": ("data.tokenizer", str),
-    "--grad-accum": ("grad_accum", int),
-    "--loss-chunks": ("loss_chunks", int),
-    "--lr": ("optim.lr", float),
-    "--log-every": ("log_every", int),
-    "--export-dir": ("export_dir", str),
+EXAMPLES = """examples:
+  python -m llama_jax.train --config tiny-arithmetic --checkpoint-dir runs/a
+  python -m llama_jax.train --preset llama3.2-1b --init-from /ckpt/Llama3.2-1B --sft \\
+      --data chats.jsonl --mesh fsdp=-1 --steps 1000 --checkpoint-dir gs://bucket/run
+"""
+
+# Flag -> (config key path, type, what it does). Every flag defaults to "not given" so the
+# config file's value stays; the help shows the built-in default the file can change.
+FLAGS: dict[str, tuple[str, type, str]] = {
+    "--preset": ("model", str, "model preset to train from scratch (see lj.preset_names())"),
+    "--steps": ("steps", int, "optimizer updates in all, counting those before a resume"),
+    "--batch": ("data.batch", int, "global rows per step, split over hosts"),
+    "--seq-len": ("data.seq_len", int, "tokens per row; documents are packed into rows"),
+    "--mesh": ("mesh", str, "device mesh, e.g. fsdp=-1,tensor=4 or data=2:dcn,fsdp=-1"),
+    "--rules": ("rules", str, "sharding rule preset: fsdp, fsdp_tp, dp, infer_tp"),
+    "--seed": ("seed", int, "seed of the initial weights and the data order"),
+    "--checkpoint-dir": (
+        "checkpoint_dir",
+        str,
+        "run directory: checkpoints, metrics.jsonl, "
+        "tensorboard/; resumed when it holds a checkpoint",
+    ),
+    "--save-every": ("save_every", int, "save a checkpoint every N steps (and at the end)"),
+    "--keep": ("keep", int, "checkpoints kept, newest first"),
+    "--init-from": (
+        "init_from",
+        str,
+        "start from this checkpoint (Meta, HF, Orbax or a run directory) instead of --preset",
+    ),
+    "--tokenizer": (
+        "data.tokenizer",
+        str,
+        "tokenizer file, 'llama3' (Meta's, from the llama-models package) or 'bytes'",
+    ),
+    "--grad-accum": ("grad_accum", int, "micro-batches accumulated per update"),
+    "--loss-chunks": (
+        "loss_chunks",
+        int,
+        "compute the head and loss over N slices of the sequence, for less memory",
+    ),
+    "--lr": ("optim.lr", float, "peak learning rate (linear warm-up, then cosine)"),
+    "--log-every": ("log_every", int, "log metrics every N steps"),
+    "--export-dir": ("export_dir", str, "write the final weights here (format: export_format)"),
 }
+
+
+def _default(key: str) -> Any:
+    """The built-in default of a dotted TrainConfig field, e.g. `data.batch` -> 8."""
+    node: Any = TrainConfig()
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m llama_jax.train",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        help="YAML file, or the name of one in configs/ (default: none, built-in defaults)",
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        help="text/JSONL files, directories or globs to train on (default: the config's)",
+    )
+    p.add_argument(
+        "--sft",
+        action="store_true",
+        default=None,
+        help="supervised fine-tuning: loss on assistant tokens of chat JSONL only "
+        "(default: off, loss on every token)",
+    )
+    for flag, (key, kind, text) in FLAGS.items():
+        p.add_argument(
+            flag,
+            type=kind,
+            metavar=key.split(".")[-1].upper(),
+            help=f"{text} (config key {key}; default {_default(key)!r})",
+        )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, value parsed as YAML, e.g. --set optim.warmup_steps=100 "
+        "(repeatable)",
+    )
+    return p
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str | None, dict[str, Any]]:
     """(config file or name, nested overrides) from the command line."""
-    p = argparse.ArgumentParser(
-        prog="python -m llama_jax.train", description=__doc__.split("\n")[0]
-    )
-    p.add_argument("--config", help="YAML file, or the name of one in configs/")
-    p.add_argument("--data", nargs="+", metavar="PATH", help="text/JSONL files, dirs or globs")
-    p.add_argument("--sft", action="store_true", default=None, help="loss on assistant tokens only")
-    for flag, (key, kind) in FLAGS.items():
-        p.add_argument(flag, type=kind, metavar=key.split(".")[-1].upper())
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     overrides = parse_assignments(args.set)
-    given = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _) in FLAGS.items()}
+    given = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, *_) in FLAGS.items()}
     given["data.paths"] = args.data
     given["data.sft"] = args.sft
     for key, value in given.items():
@@ -68,13 +131,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     config_name, overrides = parse_args(argv)
+    platforms.skip_absent_tpu()
     compile_cache.enable()
     try:
         result = run(load_config(config_name, overrides))
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return PREEMPTED_EXIT_CODE if result.preempted else 0
+    return result.exit_code
 
 
 if __name__ == "__main__":

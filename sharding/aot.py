@@ -48,6 +48,11 @@ from train.step import BATCH_KEYS, abstract_train_state, build_train_step
 
 GiB = 1024**3
 LOSS_CHUNKS = 8  # train steps: float32 logits of 1/8 of each sequence at a time
+# Custom calls libtpu's cost analysis cannot cost: each adds a -1 s placeholder to the step's
+# "optimal_seconds". "ConcatBitcast" joins the slices of a sliced HBM->VMEM prefetch (memory
+# space assignment) back into one buffer in place, so it costs nothing itself; the slices'
+# copies are costed. v5e and v6e compiles of large steps hold many of them.
+UNCOSTED_CUSTOM_CALLS = ("ConcatBitcast",)
 # How the tool runs a preset unless told otherwise (presets hold the architecture only): bf16
 # matmuls, whole layers rematerialised; train steps keep fp32 master weights, decode steps
 # read bf16 weights.
@@ -93,9 +98,10 @@ class Report:
     flops_per_step: float
     compiler_flops_per_chip: float
     cost_complete: bool  # False: the compiler counted fewer FLOPs than the model needs
-    est_step_seconds: float | None  # None: no compiler estimate (multi-slice)
+    est_step_seconds: float | None  # None: no compiler estimate (`no_estimate` says why)
     est_mfu: float | None
     tokens_per_sec_per_chip: float | None
+    no_estimate: str | None = None
 
 
 def topology_devices(topology: str, slices: int = 1) -> list[Any]:
@@ -191,23 +197,36 @@ def compiled_cost(compiled: Any) -> dict[str, float]:
     return cost[0] if isinstance(cost, list) else cost
 
 
+def compiled_seconds(compiled: Any) -> float | None:
+    """The compiler's step-time estimate (seconds, per chip) of a compiled step, or None.
+
+    libtpu sums a cost per instruction into "optimal_seconds" and counts -1 for each custom call
+    it cannot cost; the `UNCOSTED_CUSTOM_CALLS` ones cost nothing, so their placeholders are taken
+    back out. What stays negative holds other work it cannot cost (multi-slice programs always
+    do), and there is no estimate.
+    """
+    seconds = float(compiled_cost(compiled).get("optimal_seconds", -1.0))
+    text = compiled.as_text()
+    seconds += sum(text.count(f'custom_call_target="{t}"') for t in UNCOSTED_CUSTOM_CALLS)
+    return seconds if seconds > 0 else None
+
+
 def layer_costs(
     compile_fn: Callable[..., Any], config: LlamaConfig, *args: Any
 ) -> tuple[float, float | None]:
     """(FLOPs per chip, estimated seconds) of the step for `config.n_layers` layers: the cost of
     an unrolled 1-layer model plus (L - 1) times the cost of one more layer.
 
-    Seconds are None when the compiler has no estimate: across DCN (multi-slice) it reports
-    negative placeholders.
+    Seconds are None when the compiler has no estimate (`compiled_seconds`).
     """
     costs = []
     for n in (1, 2):
         with unrolled_scans():
-            cost = compiled_cost(compile_fn(config.replace(n_layers=n), *args))
-        costs.append((float(cost["flops"]), float(cost["optimal_seconds"])))
+            compiled = compile_fn(config.replace(n_layers=n), *args)
+        costs.append((float(compiled_cost(compiled)["flops"]), compiled_seconds(compiled)))
     (f1, s1), (f2, s2) = costs
     extra = config.n_layers - 1
-    seconds = s1 + extra * (s2 - s1) if min(s1, s2) > 0 else None
+    seconds = s1 + extra * (s2 - s1) if s1 is not None and s2 is not None else None
     return f1 + extra * (f2 - f1), seconds
 
 
@@ -277,6 +296,11 @@ def run(
         est_step_seconds=seconds,
         est_mfu=flops / (seconds * n * chip.peak_bf16_flops) if seconds else None,
         tokens_per_sec_per_chip=tokens / seconds / n if seconds else None,
+        no_estimate=None
+        if seconds
+        else "libtpu's cost analysis gives multi-slice (DCN) programs no step time"
+        if slices > 1
+        else "libtpu's cost analysis left work it cannot cost (a negative step time)",
     )
 
 
@@ -298,7 +322,7 @@ def format_report(r: Report) -> str:
                 else " (fewer than the model needs: some work goes uncounted, e.g. loops XLA "
                 "generates count once, so the step-time estimate is a lower bound)"
             ),
-            "  est. step: no compiler estimate across DCN"
+            f"  est. step: no compiler estimate: {r.no_estimate}"
             if r.est_step_seconds is None
             else f"  est. step {r.est_step_seconds * 1e3:.1f} ms: MFU {r.est_mfu:.1%}, "
             f"{r.tokens_per_sec_per_chip:,.0f} tokens/s/chip",

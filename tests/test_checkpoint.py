@@ -19,11 +19,12 @@ import transformers
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors.torch import load_file
 
+import llama_jax as lj
 from llama_jax.checkpoint import placement
 from llama_jax.checkpoint.errors import CheckpointError
 from llama_jax.checkpoint.export import export
 from llama_jax.checkpoint.load import detect_layout, load
-from llama_jax.config import from_meta_params
+from llama_jax.config import from_meta_params, to_meta_params
 from llama_jax.convert import main as convert_main
 
 TOKENS = np.random.default_rng(0).integers(0, 256, (2, 24))
@@ -275,6 +276,114 @@ def test_meta_round_trip_is_bit_exact(meta_dirs, tmp_path, mp):
         assert a.keys() == b.keys()
         for key in a:
             assert b[key].dtype == a[key].dtype and torch.equal(a[key], b[key]), key
+
+
+# The keys of Meta's published params.json files (Llama 3.2 1B/3B add `rope_scaling_factor`).
+META_FILE_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim_multiplier",
+                  "multiple_of", "norm_eps", "rope_theta", "use_scaled_rope"}  # fmt: skip
+
+
+def _tied_model(seed: int = 0) -> lj.Model:
+    """tiny-tied with weights of std 0.2 and norms in [0.5, 1.5], so its logits spread widely
+    and a mapping error in any tensor, norms included, shows."""
+    model = lj.init(lj.preset("tiny-tied"))
+    rng = np.random.default_rng(seed)
+
+    def redraw(path, x):
+        is_norm = "norm" in jax.tree_util.keystr(path)
+        values = rng.uniform(0.5, 1.5, x.shape) if is_norm else rng.normal(0, 0.2, x.shape)
+        return jax.numpy.asarray(values, x.dtype)
+
+    model.params = jax.tree_util.tree_map_with_path(redraw, model.params)
+    return model
+
+
+@pytest.fixture(scope="module")
+def llama_models_transformer(tmp_path_factory):
+    """Meta's reference `Transformer` (llama_models), its fairscale layers on one model-parallel
+    rank of a one-process gloo group, as `Llama.build` sets them up off-GPU."""
+    import torch.distributed as dist
+    from fairscale.nn.model_parallel import initialize as model_parallel
+    from llama_models.llama3.model import Transformer
+
+    store = tmp_path_factory.mktemp("gloo") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    model_parallel.initialize_model_parallel(1)
+    yield Transformer
+    model_parallel.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def _llama_models_logits(transformer: type, root: Path, tokens: np.ndarray) -> np.ndarray:
+    """Logits of Meta's reference model loaded from `root` as `Llama.build` loads it:
+    `ModelArgs(max_seq_len=..., max_batch_size=..., **params.json)`, `load_state_dict` strict."""
+    from llama_models.llama3.args import ModelArgs
+
+    params = json.loads((root / "params.json").read_text())
+    args = ModelArgs(max_seq_len=tokens.shape[1], max_batch_size=tokens.shape[0], **params)
+    model = transformer(args)
+    state = torch.load(root / "consolidated.00.pth", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model(torch.tensor(tokens), 0).numpy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route", ["export", "convert from hf"])
+def test_tied_model_meta_export_loads_strictly_in_llama_models(
+    llama_models_transformer, tmp_path, route
+):
+    model = _tied_model()
+    meta = tmp_path / "meta"
+    if route == "export":
+        export(model, meta, "meta")
+    else:
+        hf = export(model, tmp_path / "hf", "hf")
+        assert convert_main([str(hf), str(meta), "--to", "meta", "--no-progress"]) == 0
+    assert set(json.loads((meta / "params.json").read_text())) <= META_FILE_KEYS
+    reference = _llama_models_logits(llama_models_transformer, meta, TOKENS)
+    ours = model.logits(TOKENS)
+    assert ours.std() > 1  # logits that spread, so the tolerance below is a real check
+    np.testing.assert_allclose(reference, ours, atol=1e-4, rtol=0)
+
+
+def test_tied_model_through_meta_keeps_its_logits_exactly(tmp_path):
+    """A tied model's Meta directory imports untied (Meta's `output.weight` is its own tensor),
+    head equal to the embeddings; HF -> Meta -> HF ends untied with the same logits."""
+    model = _tied_model()
+    want = model.logits(TOKENS)
+    back = load(export(model, tmp_path / "meta", "meta", mp=2))
+    assert not back.config.tie_embeddings
+    np.testing.assert_array_equal(back.params["output"], model.params["tok_embeddings"].T)
+    np.testing.assert_array_equal(back.logits(TOKENS), want)
+    hf, meta, hf_again = (str(tmp_path / d) for d in ("hf", "meta_from_hf", "hf_again"))
+    export(model, hf, "hf")
+    assert convert_main([hf, meta, "--to", "meta", "--mp", "2", "--no-progress"]) == 0
+    assert convert_main([meta, hf_again, "--to", "hf", "--no-progress"]) == 0
+    assert "lm_head.weight" in load_file(Path(hf_again) / "model.safetensors")
+    np.testing.assert_array_equal(load(hf_again).logits(TOKENS), want)
+
+
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [("tiny-tied", set()), ("llama3-8b", set()), ("llama3.1-8b", set()),
+     ("llama3.2-1b", {"rope_scaling_factor"})],  # Meta's code hard-codes 8, 3.2 ships 32
+)  # fmt: skip
+def test_meta_params_json_holds_only_keys_of_meta_files(name, extra):
+    assert set(to_meta_params(lj.preset(name))) <= META_FILE_KEYS | extra
+
+
+def test_meta_import_takes_the_context_length_of_its_llama3_generation(meta_dirs, tmp_path):
+    """params.json holds no context length: scaled RoPE is Llama 3.1+ (131072, as Meta's own
+    config.json says), plain RoPE Llama 3 (8192); Meta -> HF writes it."""
+    plain = Path(shutil.copytree(meta_dirs[1], tmp_path / "plain"))
+    _edit_json(plain / "params.json", use_scaled_rope=False)
+    cases = {"llama3.1-8b": meta_dirs[1], "llama3-8b": plain}
+    for generation, src in cases.items():
+        want = lj.preset(generation).max_seq_len
+        assert load(src).config.max_seq_len == want
+        dst = tmp_path / generation
+        assert convert_main([str(src), str(dst), "--to", "hf", "--no-progress"]) == 0
+        assert json.loads((dst / "config.json").read_text())["max_position_embeddings"] == want
 
 
 def test_hf_repo_with_only_original_meta_files_and_its_tokenizer(

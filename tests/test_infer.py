@@ -186,7 +186,7 @@ def test_queue_is_bounded_and_bad_prompts_are_refused(model):
     scheduler.submit([1], SamplingParams())
     with pytest.raises(Overloaded):
         scheduler.submit([1], SamplingParams())
-    with pytest.raises(EngineError, match=r"token ids must be in \[0, 512\)"):
+    with pytest.raises(EngineError, match=r"prompt: token id 512 at index \[0\] is out of range"):
         scheduler.submit([512], SamplingParams())
     with pytest.raises(EngineError, match="stop strings need a tokenizer"):
         scheduler.submit([1], SamplingParams(stop=("x",)))

@@ -154,3 +154,16 @@ def test_last_only_equals_last_position(tiny):
 def test_tokens_must_be_2d(tiny):
     with pytest.raises(ValueError, match=r"\[batch, time\]"):
         tiny.logits(np.arange(4))
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_not_nan(tiny):
+    """An id past the table would gather a NaN/clamped row inside jit: refuse it by name."""
+    with pytest.raises(
+        ValueError,
+        match=r"token id 128000 at index \[0, 0\] is out of range: "
+        r"this model's vocab_size is 512",
+    ):
+        tiny.logits(np.array([[128000, 9906, 1917]]))
+    with pytest.raises(ValueError, match=r"token id -1 at index \[1, 2\]"):
+        tiny.logits(np.array([[1, 2, 3], [4, 5, -1]]))
+    assert np.isfinite(tiny.logits(np.array([[1, 2, 511]]))).all()

@@ -12,10 +12,12 @@ import asyncio
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -84,11 +86,13 @@ def checkpoint(tmp_path_factory, shared_assets) -> Path:
 
 
 @pytest.fixture(scope="module")
-def base_url(checkpoint, tmp_path_factory):
+def server(checkpoint, tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """(base URL, the file its stdout and stderr go to) of a server on the checkpoint."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")  # noqa: SIM115
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    log = open(log_path, "w+")  # noqa: SIM115
     cmd = [sys.executable, "-m", "llama_jax.infer", "serve", "--checkpoint", str(checkpoint),
            "--port", str(port), "--max-batch", "4", "--max-seq-len", "512",
            "--max-body-bytes", "65536", "--model-name", NAME]  # fmt: skip
@@ -107,7 +111,7 @@ def base_url(checkpoint, tmp_path_factory):
                 log.seek(0)
                 pytest.fail(f"server did not start:\n{log.read()[-3000:]}")
             time.sleep(0.5)
-        yield url
+        yield url, log_path
     finally:
         proc.terminate()
         try:
@@ -115,6 +119,11 @@ def base_url(checkpoint, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def base_url(server) -> str:
+    return server[0]
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +141,17 @@ def chat(client, stream=False, **kw):
 def test_models_and_health(client, base_url):
     assert [m.id for m in client.models.list().data] == [NAME]
     assert httpx.get(f"{base_url}/health").json()["status"] == "ok"
+
+
+def test_ready_line_and_one_access_line_per_request(server, client):
+    url, log = server
+    chat(client, max_tokens=3)
+    client.models.list()
+    lines = log.read_text().splitlines()
+    assert lines[0] == f"serving {NAME!r} at {url}/v1 (OpenAI API; Ctrl-C to stop)"
+    assert any(re.fullmatch(r"GET /v1/models 200 \d+\.\d{3}s", x) for x in lines), lines
+    pattern = r"POST /v1/chat/completions 200 tokens (\d+)\+3 \d+\.\d{3}s"
+    assert any(re.fullmatch(pattern, x) for x in lines), lines
 
 
 def test_chat_plain_and_streaming(client):
@@ -284,6 +304,23 @@ def test_chat_cli_streams_replies_and_shows_tool_calls(checkpoint, monkeypatch, 
     turns = [json.loads(line) for line in out.splitlines()]
     assert [t["message"]["tool_calls"][0]["function"]["name"] for t in turns] == ["get_weather"] * 2
     assert turns[0]["finish_reason"] == "stop" and turns[1]["prompt_ids"][:1] == [128000]
+
+
+def test_piped_chat_shows_its_banner_and_turns_and_warns_once_of_a_cap(
+    checkpoint, monkeypatch, capsys
+):
+    from infer.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nhi again\n"))
+    code = main(["--checkpoint", str(checkpoint), "--chat", "--max-seq-len", "512",
+                 "--max-new-tokens", "600"])  # fmt: skip
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert out.out.splitlines() == [CALL, CALL]
+    err = out.err.splitlines()
+    assert err[0].startswith("chat: /reset forgets") and "> hello" in err and "> hi again" in err
+    capped = [x for x in err if "warning: --max-new-tokens 600 does not fit" in x]
+    assert len(capped) == 1 and "(--max-seq-len 512) leaves" in capped[0], err
 
 
 def test_generate_api_text_in_text_out(checkpoint):

@@ -8,9 +8,11 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from llama_jax.checkpoint.load import load
 from llama_jax.checkpoint.run_dir import load_run_params
 from llama_jax.config import preset
 from llama_jax.tokenizer import ByteTokenizer
-from llama_jax.train import parse_args
+from llama_jax.train import FLAGS, parse_args, parser
 from train.config import TrainConfigError, load_config
 from train.corpus import documents
 from train.data import pack_examples, tokenize_document
@@ -286,31 +288,68 @@ def _cli(config: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
         *extra,
     ]
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
-def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
+def _wait_for(proc: subprocess.Popen, ready: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + 300
-    while not (run_dir / "checkpoints" / str(step)).is_dir():
+    while not ready():
         assert proc.poll() is None, (
-            f"run ended (code {proc.returncode}) before step {step}: {proc.stderr.read()}"
+            f"run ended (code {proc.returncode}) before {what}: {proc.stderr.read()}"
         )
-        assert time.monotonic() < deadline, f"no checkpoint {step} after 300s"
+        assert time.monotonic() < deadline, f"no {what} after 300s"
         time.sleep(0.01)
 
 
-def _finish(proc: subprocess.Popen) -> int:
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode in (0, 143), err
-    return proc.returncode
+def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
+    _wait_for(proc, lambda: (run_dir / "checkpoints" / str(step)).is_dir(), f"checkpoint {step}")
+
+
+def _wait_for_row(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
+    """Until metrics.jsonl holds step `step`: steps past the last checkpoint are logged."""
+    path = run_dir / "metrics.jsonl"
+    _wait_for(proc, lambda: path.exists() and step in _logged_steps(run_dir), f"row {step}")
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    """The exit code and what the run printed (messages on stdout, the progress bar on stderr)."""
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode in (0, 130, 143), err
+    return proc.returncode, out + err
 
 
 def _steps_saved(run_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def test_kill9_and_sigterm_resume_bit_exactly_and_on_another_mesh(corpus, fsdp8_run, tmp_path):
+def _logged_steps(run_dir: Path) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines if line.endswith("}")]
+
+
+def _tensorboard_steps(run_dir: Path, tag: str) -> list[int]:
+    """The steps of `tag` that TensorBoard shows: it reads the event files in name (time) order
+    and hides earlier events at or past the step of each file's SessionLog START (purge_step)."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    steps: list[int] = []
+    for path in sorted((run_dir / "tensorboard").iterdir()):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 16 + length
+            if event.session_log.status == SessionLog.START:
+                steps = [s for s in steps if s < event.step]
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return steps
+
+
+def test_kill9_sigterm_and_ctrl_c_resume_bit_exactly_and_on_another_mesh(
+    corpus, fsdp8_run, tmp_path
+):
     """`fsdp8_run` is the uninterrupted reference: same settings, saves and logs at other steps
     (which changes nothing computed)."""
     config = tmp_path / "run.yaml"
@@ -319,21 +358,39 @@ def test_kill9_and_sigterm_resume_bit_exactly_and_on_another_mesh(corpus, fsdp8_
 
     proc = _cli(config, broken)
     _wait_for_checkpoint(proc, broken, 5)
+    _wait_for_row(proc, broken, 7)  # steps past the checkpoint are logged, to be done again
     proc.kill()  # SIGKILL: no handler, no cleanup
     proc.wait()
     shutil.copytree(broken, moved)
     resumed_from = _steps_saved(moved)[-1]
-    # The checkpoint written on fsdp=8 resumes on data=2,fsdp=4 (checked below) ...
+    # The checkpoint written on fsdp=8 resumes on data=2,fsdp=4 (checked below), through a
+    # Ctrl-C (save, one line, exit 130) and a second resume ...
+    other_mesh = _cli(config, moved, "--mesh", "data=2,fsdp=4")
+    _wait_for_checkpoint(other_mesh, moved, 10)
+    other_mesh.send_signal(signal.SIGINT)
+    code, err = _finish(other_mesh)
+    assert code == 130, "Ctrl-C should save and exit 130"
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    stop = [line for line in err.splitlines() if line.startswith("SIGINT at step")]
+    assert len(stop) == 1 and "rerun the same command to resume" in stop[0], err
+    assert _steps_saved(moved)[-1] == int(stop[0].split()[3].rstrip(":")) < STEPS
     other_mesh = _cli(config, moved, "--mesh", "data=2,fsdp=4")
 
     # ... and on the same mesh, through a SIGTERM (save, exit 143) and a second resume.
     proc = _cli(config, broken)
     _wait_for_checkpoint(proc, broken, 10)
     proc.send_signal(signal.SIGTERM)
-    assert _finish(proc) == 143, "SIGTERM should save and exit 143"
+    assert _finish(proc)[0] == 143, "SIGTERM should save and exit 143"
     assert _steps_saved(broken)[-1] < STEPS
-    assert _finish(_cli(config, broken)) == 0
-    assert _finish(other_mesh) == 0
+    code, err = _finish(_cli(config, broken))
+    assert code == 0
+    assert f"done: step {STEPS} | loss " in err and f"checkpoints in {broken.resolve()}" in err, err
+    assert _finish(other_mesh)[0] == 0
+
+    # Every step is logged once, in the JSONL and as TensorBoard shows it, despite the replays.
+    for run_dir in (broken, moved):
+        assert _logged_steps(run_dir) == list(range(1, STEPS + 1))
+        assert sorted(_tensorboard_steps(run_dir, "train/loss")) == list(range(1, STEPS + 1))
 
     _, want = load_run_params(fsdp8_run)
     _, got = load_run_params(broken)
@@ -346,6 +403,28 @@ def test_kill9_and_sigterm_resume_bit_exactly_and_on_another_mesh(corpus, fsdp8_
     _, elsewhere = load_run_params(moved)
     for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(elsewhere), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5)
+
+
+def test_a_second_ctrl_c_exits_at_once_without_saving():
+    """The first Ctrl-C asks the loop to save and stop; the second ends the process at once."""
+    script = (
+        "import os, signal, time\n"
+        "from train.checkpoint import StopWatch\n"
+        "watch = StopWatch()\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(0.1)\n"
+        "print('first', watch.reached(1, None), watch.signal == signal.SIGINT, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(5)\n"
+        "print('not reached')\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 130, done.stderr
+    assert done.stdout.split() == ["first", "True", "True"]
+    assert done.stderr.strip() == "second Ctrl-C: stopped without saving"
 
 
 # --- config and CLI ------------------------------------------------------------------------
@@ -383,3 +462,18 @@ def test_cli_flags_map_onto_the_config():
     )  # fmt: skip
     assert (cfg.seed, cfg.checkpoint_dir, cfg.save_every, cfg.init_from) == (3, "runs/x", 2, "ckpt")
     assert cfg.data.paths == ("a.jsonl", "b.txt") and cfg.data.sft and cfg.optim.lr == 1e-4
+
+
+def test_help_explains_every_flag_with_its_default_and_shows_examples():
+    p = parser()
+    for action in p._actions:
+        if action.dest != "help":
+            assert action.help and len(action.help) > 20, f"{action.option_strings}: no help"
+    for flag, (key, *_) in FLAGS.items():
+        action = next(a for a in p._actions if flag in a.option_strings)
+        assert f"config key {key}; default " in action.help, flag
+    text = p.format_help()
+    assert "see train/loop.py" not in text
+    assert text.count("python -m llama_jax.train --") >= 2 and "examples:" in text
+    helps = {a.option_strings[0]: a.help for a in p._actions}
+    assert helps["--steps"].endswith("default 1000)") and "default 'fsdp=-1'" in helps["--mesh"]

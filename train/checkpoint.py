@@ -1,4 +1,5 @@
-"""Run checkpoints with Orbax: asynchronous saves every N steps, on SIGTERM, keep the last K.
+"""Run checkpoints with Orbax: asynchronous saves every N steps, on SIGTERM or Ctrl-C, keep the
+last K.
 
 A run directory holds `checkpoints/<step>/` with these items:
   params        float32 parameters (pure dict), sharded arrays
@@ -15,8 +16,9 @@ here: `llama_jax.checkpoint.run_dir` does it, and `llama_jax.load(run_dir)` uses
 
 from __future__ import annotations
 
+import os
 import signal
-import threading
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -97,20 +99,35 @@ class RunCheckpointer:
         self.manager.close()
 
 
-class PreemptionWatch:
-    """Turns SIGTERM (a preemption notice) into a flag the training loop checks every step.
+class StopWatch:
+    """Turns SIGTERM (a preemption notice) and Ctrl-C (SIGINT) into a flag the training loop
+    checks every step, so either saves the step it reached and stops cleanly.
 
-    On multi-host jobs JAX's preemption sync point makes every host stop at the same step.
+    A second Ctrl-C means "now": it exits at once with 130, without saving (a save cut short
+    leaves only an Orbax temporary directory, never a checkpoint). On multi-host jobs JAX's
+    preemption sync point makes every host stop at the same step on SIGTERM; Ctrl-C there keeps
+    Python's default, since one host stopping alone would leave the others waiting for it.
     """
 
     def __init__(self) -> None:
-        self._flag = threading.Event()
-        self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+        self.signal: int | None = None
+        self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_signal)}
+        if jax.process_count() == 1:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            sys.stderr.write("\nsecond Ctrl-C: stopped without saving\n")
+            sys.stderr.flush()
+            os._exit(128 + signal.SIGINT)
+        self.signal = signum
 
     def reached(self, step: int, manager: ocp.CheckpointManager | None) -> bool:
-        if manager is not None and jax.process_count() > 1:
-            return manager.reached_preemption(step)
-        return self._flag.is_set()
+        multi_host = manager is not None and jax.process_count() > 1
+        if multi_host and manager.reached_preemption(step):
+            self.signal = signal.SIGTERM
+        return self.signal is not None
 
     def close(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)

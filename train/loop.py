@@ -11,6 +11,7 @@ run before any checkpoint of it is written, leaving the last good one.
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -32,15 +33,13 @@ from sharding.distributed import global_batch, process_rows
 from sharding.mesh import ShardingError, make_mesh
 from sharding.place import batch_shardings, tree_shardings
 from sharding.rules import resolver, with_rules
-from train.checkpoint import PreemptionWatch, RunCheckpointer
+from train.checkpoint import RunCheckpointer, StopWatch
 from train.config import TrainConfig, TrainConfigError
 from train.data import DataError, make_dataset, open_documents
 from train.metrics import MetricsLogger, flops_per_token, peak_flops_per_device
 from train.optim import make_optimizer
 from train.step import TrainState, abstract_train_state, build_train_step, init_train_state
 from train.tokenizers import load_tokenizer
-
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a job stopped by SIGTERM
 
 
 class NonFiniteLoss(RuntimeError):
@@ -61,10 +60,22 @@ USER_ERRORS = (
 
 @dataclass
 class RunResult:
+    """The final state, and `stop_signal`: the signal (SIGTERM or SIGINT) that stopped the run
+    early after saving, None when it ran to the end."""
+
     state: TrainState
     model_config: LlamaConfig
     last_metrics: dict[str, float]
-    preempted: bool
+    stop_signal: int | None
+
+    @property
+    def preempted(self) -> bool:
+        return self.stop_signal is not None
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 128 + the signal, what schedulers and shells expect of a job a signal stopped."""
+        return 0 if self.stop_signal is None else 128 + self.stop_signal
 
 
 def model_config_for(cfg: TrainConfig, base: LlamaConfig) -> LlamaConfig:
@@ -226,42 +237,75 @@ def _logger(t: Trainer) -> MetricsLogger:
 
 def train(t: Trainer) -> RunResult:
     """The step loop: metrics fetched every `log_every` steps and before each save; saves every
-    `save_every` steps, at the end and on SIGTERM (then stop). Throughput is wall time between
-    fetches, so it includes input processing and the blocking part of checkpoint saves."""
+    `save_every` steps, at the end and on SIGTERM or Ctrl-C (then stop). Throughput is wall time
+    between fetches, so it includes input processing and the blocking part of checkpoint saves."""
     cfg, ckpt = t.cfg, t.ckpt
     logger = _logger(t)
-    watch = PreemptionWatch()
+    watch = StopWatch()
     pending: list[dict[str, jax.Array]] = []
     last: dict[str, float] = {}
+    throughput = _Throughput()
     timer = time.perf_counter()
-    compiled = preempted = False
+    compiled = stopping = False
     try:
         for done in range(int(t.state.step) + 1, cfg.steps + 1):
             t.state, metrics = t.step_fn(t.state, t.place(next(t.data_iter)))
             pending.append(metrics)
-            preempted = watch.reached(done, ckpt.manager if ckpt else None)
+            stopping = watch.reached(done, ckpt.manager if ckpt else None)
             save = ckpt is not None and (done % cfg.save_every == 0 or done == cfg.steps)
-            if not compiled or save or preempted or done % cfg.log_every == 0 or done == cfg.steps:
+            if not compiled or save or stopping or done % cfg.log_every == 0 or done == cfg.steps:
                 records = _check_finite(jax.device_get(pending), done - len(pending) + 1, ckpt)
                 now = time.perf_counter()
                 seconds = now - timer if compiled else None
                 last = logger.log(done - len(records) + 1, records, seconds)
-                if not compiled:
+                if compiled:
+                    throughput.add(records, seconds)
+                else:
                     logger.message(f"first step (with compilation) took {now - timer:.1f}s")
                 compiled, pending = True, []
                 timer = now
-            if ckpt is not None and (save or preempted):
+            if ckpt is not None and (save or stopping):
                 ckpt.save(t.state, t.data_iter, t.model_config, _run_info(cfg, t.tokenizer))
-            if preempted:
+            if stopping:
                 saved = (
                     f"saved step {done}; rerun the same command to resume" if ckpt else "stopped"
                 )
-                logger.message(f"SIGTERM at step {done}: {saved}")
+                logger.message(f"{signal.Signals(watch.signal).name} at step {done}: {saved}")
                 break
+        else:
+            logger.message(_summary(t, last, throughput))
     finally:
         watch.close()
         logger.close()
-    return RunResult(t.state, t.model_config, last, preempted)
+    return RunResult(t.state, t.model_config, last, watch.signal if stopping else None)
+
+
+class _Throughput:
+    """Tokens and wall seconds of the steps after the first fetch (compilation excluded)."""
+
+    def __init__(self) -> None:
+        self.tokens = self.seconds = 0.0
+
+    def add(self, records: list[dict[str, float]], seconds: float) -> None:
+        self.tokens += sum(r["tokens"] for r in records)
+        self.seconds += seconds
+
+    def tokens_per_sec(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds > 0 else None
+
+
+def _summary(t: Trainer, last: dict[str, float], throughput: _Throughput) -> str:
+    """The run's last line: where it ended, how fast it went and where its checkpoints are."""
+    parts = [f"done: step {int(t.state.step)}"]
+    if last:
+        parts.append(f"loss {last['loss']:.4f}")
+    tps = throughput.tokens_per_sec()
+    if tps is not None:
+        parts.append(f"{tps:,.0f} tokens/s (mean after compilation)")
+    parts.append(f"checkpoints in {t.ckpt.directory}" if t.ckpt else "no checkpoint directory")
+    if t.cfg.export_dir:
+        parts.append(f"exporting to {t.cfg.export_dir} ({t.cfg.export_format})")
+    return " | ".join(parts)
 
 
 def _check_finite(

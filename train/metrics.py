@@ -17,6 +17,7 @@ Only non-padding tokens count, so padding shows up as lost MFU.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,8 +110,12 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter
 
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")  # noqa: SIM115
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            path = Path(run_dir) / "metrics.jsonl"
+            drop_steps_after(path, start_step)
+            self.jsonl = open(path, "a")  # noqa: SIM115
+            # TensorBoard hides every earlier event at or past `purge_step`: the steps a resume
+            # replays show once, from this run.
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not enabled, unit="step")
 
     def log(self, first_step: int, records: list[dict[str, float]], seconds: float | None) -> dict:
@@ -128,6 +133,8 @@ class MetricsLogger:
         if self.enabled:
             for i, record in enumerate(records):
                 self._write(first_step + i, record)
+            if self.tb is not None:
+                self.tb.flush()  # as the JSONL is: a kill -9 loses no logged step
             self.bar.update(len(records))
             self.bar.set_postfix_str(_postfix(last), refresh=True)
         return last
@@ -150,6 +157,21 @@ class MetricsLogger:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def drop_steps_after(path: Path, step: int) -> None:
+    """Keep only the rows of `path` (metrics.jsonl) up to `step`, the step a run resumes from:
+    the steps logged after its last checkpoint are done again and logged anew. The file is
+    replaced atomically, so an interruption here loses nothing."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def _postfix(m: dict[str, float]) -> str:

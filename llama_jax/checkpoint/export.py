@@ -89,6 +89,15 @@ def export_hf(
     return dst
 
 
+def stored_model(
+    config: LlamaConfig, get: layout.LayerGetter, to: Target
+) -> tuple[LlamaConfig, layout.LayerGetter]:
+    """The model as a `to` checkpoint stores it. Hugging Face ties the head by a config flag;
+    Meta's format cannot (`llama_models` always builds an `output` layer and loads strictly), so
+    a tied model goes to Meta untied, its `output.weight` a copy of the embeddings."""
+    return layout.with_output_head(config, get) if to == "meta" else (config, get)
+
+
 def _rank_tensors(config: LlamaConfig, get: layout.LayerGetter, out: np.dtype, mp: int, rank: int):
     for name, spec, x in layout.torch_tensors(config, get, "meta"):
         x = x.astype(out, copy=False)
@@ -108,6 +117,7 @@ def export_meta(
 ) -> Path:
     """A Meta directory: `params.json` and `mp` files `consolidated.NN.pth`, each tensor split
     along its model-parallel dim (Llama 3: embedding on the vocabulary dim)."""
+    config, get = stored_model(config, get, "meta")
     for field in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
         if getattr(config, field) % mp:
             raise CheckpointError(

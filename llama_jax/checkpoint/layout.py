@@ -61,10 +61,12 @@ def _layer(kind_path: str, meta: str, hf: str, kind: Kind, **kw) -> TensorSpec:
     )
 
 
+EMBEDDING = TensorSpec(
+    ("tok_embeddings",), "tok_embeddings.weight", "model.embed_tokens.weight", "copy", mp_dim=0
+)
+OUTPUT = TensorSpec(("output",), "output.weight", "lm_head.weight", "linear", mp_dim=0)
 SPECS: tuple[TensorSpec, ...] = (
-    TensorSpec(
-        ("tok_embeddings",), "tok_embeddings.weight", "model.embed_tokens.weight", "copy", mp_dim=0
-    ),
+    EMBEDDING,
     _layer("attention_norm", "attention_norm", "input_layernorm", "copy"),
     _layer(
         "attention/wq",
@@ -89,7 +91,7 @@ SPECS: tuple[TensorSpec, ...] = (
     _layer("feed_forward/w3", "feed_forward.w3", "mlp.up_proj", "linear", mp_dim=0),
     _layer("feed_forward/w2", "feed_forward.w2", "mlp.down_proj", "linear", mp_dim=1),
     TensorSpec(("norm",), "norm.weight", "model.norm.weight", "copy"),
-    TensorSpec(("output",), "output.weight", "lm_head.weight", "linear", mp_dim=0),
+    OUTPUT,
 )
 
 # Tensors some checkpoints carry that hold nothing we need (recomputed rotary tables).
@@ -98,7 +100,7 @@ IGNORED = re.compile(r"(^rope\.freqs$)|(\.rotary_emb\.inv_freq$)")
 
 def specs(config: LlamaConfig) -> tuple[TensorSpec, ...]:
     """The tensors a model with `config` has (no `output` when embeddings are tied)."""
-    return tuple(s for s in SPECS if not (s.path == ("output",) and config.tie_embeddings))
+    return tuple(s for s in SPECS if not (s == OUTPUT and config.tie_embeddings))
 
 
 @cache
@@ -210,6 +212,19 @@ def params_getter(params: dict) -> LayerGetter:
         return np.asarray(leaf if layer is None else leaf[layer])
 
     return get
+
+
+def with_output_head(config: LlamaConfig, get: LayerGetter) -> tuple[LlamaConfig, LayerGetter]:
+    """The same model with a head of its own, for formats that cannot tie one: a tied model
+    becomes untied, its `output` the embedding table (in the head's `[dim, vocab]` layout), so it
+    computes exactly the same logits."""
+    if not config.tie_embeddings:
+        return config, get
+
+    def get_with_head(spec: TensorSpec, layer: int | None) -> np.ndarray:
+        return get(EMBEDDING, None).T if spec == OUTPUT else get(spec, layer)
+
+    return config.replace(tie_embeddings=False), get_with_head
 
 
 def tensor_names(config: LlamaConfig, fmt: Format) -> Iterator[tuple[str, TensorSpec, int | None]]:

@@ -7,6 +7,9 @@ package writes them: see `train.checkpoint`). Only `model_config` and `params` a
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +39,11 @@ def _open(path: str | Path) -> tuple[Any, int]:
     import orbax.checkpoint as ocp
 
     root, step = checkpoint_root(Path(path).resolve())
-    manager = ocp.CheckpointManager(
-        root, options=ocp.CheckpointManagerOptions(read_only=True), item_names=ITEMS
-    )
+    # Options a read-only manager would otherwise "correct" with a warning each; and its
+    # "Given directory is read only" warning, which is not true: only this reader is.
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    with _absl_warning_dropped("Given directory is read only"):
+        manager = ocp.CheckpointManager(root, options=options, item_names=ITEMS)
     step = manager.latest_step() if step is None else step
     if step is None:
         manager.close()
@@ -46,6 +51,21 @@ def _open(path: str | Path) -> tuple[Any, int]:
             f"{path}: no training checkpoint found (expected {CHECKPOINTS}/<step>/)"
         )
     return manager, step
+
+
+@contextlib.contextmanager
+def _absl_warning_dropped(prefix: str) -> Iterator[None]:
+    """Drop absl log records that start with `prefix` while the block runs."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(prefix)
+
+    logger = logging.getLogger("absl")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _read_config(manager: Any, step: int) -> LlamaConfig:
