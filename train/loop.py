@@ -244,7 +244,6 @@ def train(t: Trainer) -> RunResult:
     watch = StopWatch()
     pending: list[dict[str, jax.Array]] = []
     last: dict[str, float] = {}
-    throughput = _Throughput()
     timer = time.perf_counter()
     compiled = stopping = False
     try:
@@ -258,9 +257,7 @@ def train(t: Trainer) -> RunResult:
                 now = time.perf_counter()
                 seconds = now - timer if compiled else None
                 last = logger.log(done - len(records) + 1, records, seconds)
-                if compiled:
-                    throughput.add(records, seconds)
-                else:
+                if not compiled:
                     logger.message(f"first step (with compilation) took {now - timer:.1f}s")
                 compiled, pending = True, []
                 timer = now
@@ -273,33 +270,18 @@ def train(t: Trainer) -> RunResult:
                 logger.message(f"{signal.Signals(watch.signal).name} at step {done}: {saved}")
                 break
         else:
-            logger.message(_summary(t, last, throughput))
+            logger.message(_summary(t, last, logger.mean_tokens_per_sec()))
     finally:
         watch.close()
         logger.close()
     return RunResult(t.state, t.model_config, last, watch.signal if stopping else None)
 
 
-class _Throughput:
-    """Tokens and wall seconds of the steps after the first fetch (compilation excluded)."""
-
-    def __init__(self) -> None:
-        self.tokens = self.seconds = 0.0
-
-    def add(self, records: list[dict[str, float]], seconds: float) -> None:
-        self.tokens += sum(r["tokens"] for r in records)
-        self.seconds += seconds
-
-    def tokens_per_sec(self) -> float | None:
-        return self.tokens / self.seconds if self.seconds > 0 else None
-
-
-def _summary(t: Trainer, last: dict[str, float], throughput: _Throughput) -> str:
+def _summary(t: Trainer, last: dict[str, float], tps: float | None) -> str:
     """The run's last line: where it ended, how fast it went and where its checkpoints are."""
     parts = [f"done: step {int(t.state.step)}"]
     if last:
         parts.append(f"loss {last['loss']:.4f}")
-    tps = throughput.tokens_per_sec()
     if tps is not None:
         parts.append(f"{tps:,.0f} tokens/s (mean after compilation)")
     parts.append(f"checkpoints in {t.ckpt.directory}" if t.ckpt else "no checkpoint directory")

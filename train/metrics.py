@@ -104,6 +104,7 @@ class MetricsLogger:
         self.peak_flops = peak_flops
         self.n_devices = n_devices
         self.enabled = enabled
+        self.timed_tokens = self.timed_seconds = 0.0  # steps logged with a wall time
         self.jsonl = None
         self.tb = None
         if enabled and run_dir is not None:
@@ -124,6 +125,8 @@ class MetricsLogger:
         last = dict(records[-1])
         if seconds is not None and seconds > 0:
             tokens = sum(r["tokens"] for r in records)
+            self.timed_tokens += tokens
+            self.timed_seconds += seconds
             tps = tokens / seconds
             last["tokens_per_sec"] = tps
             last["tokens_per_sec_per_device"] = tps / self.n_devices
@@ -146,6 +149,10 @@ class MetricsLogger:
         if self.tb is not None:
             for name, value in record.items():
                 self.tb.add_scalar(f"train/{name}", value, step)
+
+    def mean_tokens_per_sec(self) -> float | None:
+        """Tokens per second over the steps logged with a wall time (compilation excluded)."""
+        return self.timed_tokens / self.timed_seconds if self.timed_seconds else None
 
     def message(self, text: str) -> None:
         if self.enabled:
