@@ -1,14 +1,15 @@
 # Two entry points: `make demo` and `make test`. Both build .venv on a fresh machine.
 PY := .venv/bin/python
-# torch must come from the local CPU wheel before transformers asks for it (else pip pulls CUDA torch).
 VENV_STAMP := .venv/.installed
+# jax >= 0.11 ships for Python >= 3.12 only. A pyenv shim answers only for a selected version,
+# so fall back to pyenv's own 3.12 interpreter where `python3.12` is not on PATH.
+PYTHON312 := $(or $(shell python3.12 -c 'print("python3.12")' 2>/dev/null),$(lastword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12)),python3.12)
 
 .PHONY: demo test lint clean
 
 $(VENV_STAMP): pyproject.toml
-	test -x $(PY) || python3.11 -m venv .venv || python3 -m venv .venv
+	test -x $(PY) || $(PYTHON312) -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,tpu]'
 	touch $(VENV_STAMP)
 

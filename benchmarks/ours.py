@@ -32,6 +32,7 @@ from llama_jax.checkpoint.load import load
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import KVCache
 from llama_jax.model import Params, forward, init_params
+from llama_jax.xla_cpu import train_step_options
 from train.optim import OptimConfig, make_optimizer
 from train.step import build_train_step, init_train_state
 
@@ -166,16 +167,18 @@ class Prefill:
 
 
 class Train:
-    """One AdamW training step (Llama 3 recipe: clipping, warm-up schedule), state donated."""
+    """One AdamW training step (Llama 3 recipe: clipping, warm-up schedule), state donated;
+    `loss_chunks` as in `train.step.token_losses`."""
 
-    def __init__(self, config: LlamaConfig, params: Params, row: Row):
+    def __init__(self, config: LlamaConfig, params: Params, row: Row, loss_chunks: int = 1):
         optimizer = make_optimizer(OptimConfig(warmup_steps=10))
         # The loader's arrays adopt host memory, which XLA cannot donate: the first step would
         # hold a second copy of the weights. Copies owned by XLA are donated from step one.
         params = jax.tree.map(jnp.copy, params)
         self.state = init_train_state(config, optimizer, params=params)
         self.batch = {k: jnp.asarray(v) for k, v in train_batch(row, config.vocab_size).items()}
-        self.step = jax.jit(build_train_step(config, optimizer), donate_argnums=(0,))
+        step = build_train_step(config, optimizer, loss_chunks=loss_chunks)
+        self.step = jax.jit(step, donate_argnums=(0,), compiler_options=train_step_options())
         self.losses: list[float] = []
 
     def run(self) -> dict[str, float]:

@@ -18,7 +18,7 @@ import numpy as np
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_KERNELS = ("auto", "xla", "splash")
+ATTENTION_KERNELS = ("auto", "xla", "splash", "cudnn")
 
 
 class ConfigError(ValueError):
@@ -43,7 +43,8 @@ class LlamaConfig:
     `compute_dtype` is what matmuls run in. `remat` picks the activation checkpointing policy of
     the scanned layer stack. `attention` picks the kernel of uncached attention: "xla" (plain
     einsums, any backend), "splash" (the Pallas TPU kernel: no [time, time] scores in memory),
-    "auto" (splash when the devices are TPUs and the shapes suit it, else xla).
+    "cudnn" (cuDNN's flash attention on NVIDIA GPUs, bfloat16/float16 compute), "auto" (splash
+    on TPUs, cudnn on NVIDIA GPUs, when the shapes and dtype suit the kernel; else xla).
     """
 
     dim: int

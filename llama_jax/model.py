@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax import splash
+from llama_jax import cudnn_attention, splash
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import KVCache
 from llama_jax.partitioning import BATCH, EMBED, HEADS, KV_HEADS, LENGTH, MLP, VOCAB, constrain
@@ -113,18 +113,27 @@ class LayerCache(NamedTuple):
 
 
 class Documents(NamedTuple):
-    """Uncached attention through the splash kernel: causal within each packed document
-    (`segment_ids` None: one document per row). Stands in for the explicit mask."""
+    """Uncached attention through a kernel ("splash" or "cudnn"): causal within each packed
+    document (`segment_ids` None: one document per row). Stands in for the explicit mask."""
 
     segment_ids: jax.Array | None
+    kernel: str
+
+
+# The uncached attention kernels besides "xla", by `LlamaConfig.attention` name.
+_KERNELS = {"splash": splash.splash_attention, "cudnn": cudnn_attention.cudnn_attention}
 
 
 def attention_kernel(c: LlamaConfig, time: int) -> str:
-    """The kernel uncached attention uses: `c.attention`, with "auto" resolved for the shapes
-    and the devices the traced code will run on."""
+    """The kernel uncached attention uses: `c.attention`, with "auto" resolved for the shapes,
+    the compute dtype and the devices the traced code will run on."""
     if c.attention != "auto":
         return c.attention
-    return "splash" if splash.suits(time, c.head_dim) and splash.on_tpu() else "xla"
+    if splash.suits(time, c.head_dim) and splash.on_tpu():
+        return "splash"
+    if cudnn_attention.suits(time, c.head_dim, c.compute_dtype) and cudnn_attention.on_gpu():
+        return "cudnn"
+    return "xla"
 
 
 def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -170,7 +179,7 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, LayerCache | None]:
         """`mask` [batch, time, keys] is True where a query may attend; keys are this call's
         tokens, or with a cache the cache's slots after this call's tokens are written.
-        `Documents` instead: no cache, the splash kernel."""
+        `Documents` instead: no cache, the kernel it names."""
         dt = x.dtype
         q = dense(x, self.wq[...])
         k = dense(x, self.wk[...])
@@ -190,7 +199,7 @@ class Attention(nnx.Module):
             # activations across all devices in the weight gradients (gigabytes per chip at 405B).
             kv_layout = (BATCH, LENGTH, KV_HEADS, None)
             k, v = constrain(k, kv_layout), constrain(v, kv_layout)
-            out = splash.splash_attention(q, k, v, mask.segment_ids)
+            out = _KERNELS[mask.kernel](q, k, v, mask.segment_ids)
             out = constrain(out, (BATCH, LENGTH, HEADS, None))
             return dense(out, self.wo[...], contract=2), cache
         out = grouped_attention(q, k.astype(dt), v.astype(dt), mask)
@@ -379,8 +388,9 @@ def forward(
     x = constrain(x, (BATCH, LENGTH, EMBED))
     rope = rotary_tables(c, positions)
     if cache is None:
-        if attention_kernel(c, t) == "splash":
-            mask: jax.Array | Documents = Documents(segment_ids)
+        kernel = attention_kernel(c, t)
+        if kernel != "xla":
+            mask: jax.Array | Documents = Documents(segment_ids, kernel)
         else:
             mask = attention_mask(segment_ids, (b, t))
         x, _ = run_layers(c, params["layers"], x, rope, mask)

@@ -51,6 +51,17 @@ def sharding_for(names: Sequence[str | None]) -> jax.sharding.Sharding | None:
     return None if resolver is None else resolver(names)
 
 
+def traced_device() -> jax.Device:
+    """A device traced code will run on, for choosing kernels: the active mesh's first device,
+    else the default backend's (an `AbstractMesh` has no devices)."""
+    sharding = sharding_for((BATCH,))
+    mesh = sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
+    devices = getattr(mesh, "devices", None)
+    if devices is not None and devices.size:
+        return devices.flat[0]
+    return jax.devices()[0]
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Constrain `x` to the sharding its logical axis `names` map to, if a resolver is active."""
     sharding = sharding_for(names)

@@ -25,7 +25,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax.partitioning import ATTENTION_HEADS as HEADS
-from llama_jax.partitioning import BATCH, sharding_for
+from llama_jax.partitioning import BATCH, sharding_for, traced_device
 
 BLOCK = 512  # tile edge (tokens) of the kernel's q and kv blocks
 MIN_BLOCK = 128  # the kernel's smallest tile: sequences must be a multiple of it
@@ -38,13 +38,7 @@ def suits(time: int, head_dim: int) -> bool:
 
 def on_tpu() -> bool:
     """Whether traced code will run on TPUs: the active mesh's devices, else the default backend."""
-    sharding = sharding_for((BATCH,))
-    devices = (
-        getattr(sharding.mesh, "devices", None) if isinstance(sharding, NamedSharding) else None
-    )
-    if devices is not None and devices.size:  # an AbstractMesh has no devices
-        return devices.flat[0].platform == "tpu"
-    return jax.default_backend() == "tpu"
+    return traced_device().platform == "tpu"
 
 
 def splash_attention(

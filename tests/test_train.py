@@ -27,6 +27,7 @@ from llama_jax.checkpoint.run_dir import load_run_params
 from llama_jax.config import preset
 from llama_jax.tokenizer import ByteTokenizer
 from llama_jax.train import FLAGS, parse_args, parser
+from llama_jax.xla_cpu import train_step_options
 from train.config import TrainConfigError, load_config
 from train.corpus import documents
 from train.data import pack_examples, tokenize_document
@@ -477,3 +478,14 @@ def test_help_explains_every_flag_with_its_default_and_shows_examples():
     assert text.count("python -m llama_jax.train --") >= 2 and "examples:" in text
     helps = {a.option_strings[0]: a.help for a in p._actions}
     assert helps["--steps"].endswith("default 1000)") and "default 'fsdp=-1'" in helps["--mesh"]
+
+
+def test_cpu_train_step_compiles_without_ynnpack_fusions():
+    """The CPU option reaches the compiler (no YNNPACK fusion in the step's HLO, while a plain
+    jit of the same product has one) and is left off every other backend."""
+    a = jnp.ones((256, 512), jnp.float32)
+    product = jax.jit(lambda x: x @ x.T)
+    assert "__ynn_fusion" in product.lower(a).compile().as_text()
+    tuned = jax.jit(lambda x: x @ x.T, compiler_options=train_step_options("cpu"))
+    assert "__ynn_fusion" not in tuned.lower(a).compile().as_text()
+    assert train_step_options("tpu") is None and train_step_options("gpu") is None

@@ -29,6 +29,7 @@ from llama_jax.checkpoint.run_dir import read_model_config
 from llama_jax.config import ConfigError, LlamaConfig, preset
 from llama_jax.model import Params
 from llama_jax.partitioning import placed_shapes
+from llama_jax.xla_cpu import train_step_options
 from sharding.distributed import global_batch, process_rows
 from sharding.mesh import ShardingError, make_mesh
 from sharding.place import batch_shardings, tree_shardings
@@ -182,6 +183,7 @@ def setup(cfg: TrainConfig, devices: list[Any] | None = None) -> Trainer:
         in_shardings=(shardings, batch_sharding),
         out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
+        compiler_options=train_step_options(mesh.devices.flat[0].platform),
     )
     return Trainer(
         cfg,
