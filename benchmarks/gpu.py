@@ -49,6 +49,7 @@ from typing import Any
 import jax
 
 from benchmarks.ours import Prefill, Train, random_params
+from benchmarks.report import target_marks
 from benchmarks.workload import (
     WEIGHT_SEED,
     Row,
@@ -245,7 +246,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 weights = {config: random_params(config, WEIGHT_SEED)}
             params = weights[config]
         rows.append(run_case(case, peak, params))
-        params = None
         gc.collect()  # the row's arrays go before the next row allocates its own
     return {
         "device": {
@@ -270,13 +270,6 @@ def _percent(value: float | None, what: str) -> str:
     return "n/a" if value is None else f"{value:.1%} {what}"
 
 
-def _targets(row: dict[str, Any]) -> str:
-    marks = {True: "ok", False: "MISSED", None: "no peak"}
-    return ", ".join(
-        f"{key} >= {t['target']:.0%} {marks[t['met']]}" for key, t in row["targets"].items()
-    )
-
-
 def table(report: dict[str, Any]) -> str:
     """Markdown table of a report."""
     lines = [
@@ -298,7 +291,9 @@ def table(report: dict[str, Any]) -> str:
         else:
             speed = f"{r['tflops_per_s']:.3g} TFLOP/s"
             util = _percent(r["mfu"], "MFU")
-        lines.append(f"{head}| {r['tokens_per_s']:,.0f} | {speed} | {util} | {_targets(r)} |")
+        lines.append(
+            f"{head}| {r['tokens_per_s']:,.0f} | {speed} | {util} | {target_marks(r['targets'])} |"
+        )
     d = report["device"]
     if d["peak_flops"] is None:
         lines.append(f"\n{d['kind']}: no data-sheet peak known, so no utilisation.")

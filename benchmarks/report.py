@@ -156,14 +156,16 @@ def _cold(detail: dict[str, Any]) -> str:
     return f"{detail.get('cold_first_token_s') or detail['cold_s']:.2f}"
 
 
-def _met(row: dict[str, Any]) -> str:
-    """Each target as `name >= goal ok|MISSED` (utilisation) or `name ok|MISSED` (memory)."""
+def target_marks(targets: dict[str, dict[str, Any]]) -> str:
+    """Each target as `name >= goal ok|MISSED` (a utilisation; "no peak" where none could be
+    computed) or `name ok|MISSED` (peak memory, whose goal is the reference's figure)."""
+    marks = {True: "ok", False: "MISSED", None: "no peak"}
 
     def mark(key: str, t: dict[str, Any]) -> str:
         goal = f" >= {t['target']:.0%}" if key != "peak_memory" else ""
-        return f"{key}{goal} {'ok' if t['met'] else 'MISSED'}"
+        return f"{key}{goal} {marks[t['met']]}"
 
-    return ", ".join(mark(k, t) for k, t in row["targets"].items())
+    return ", ".join(mark(k, t) for k, t in targets.items())
 
 
 def table(report: dict[str, Any]) -> str:
@@ -176,7 +178,7 @@ def table(report: dict[str, Any]) -> str:
     for r in report["rows"]:
         o, f = r["ours_detail"], r["reference_detail"]
         lines.append(
-            f"| {r['name']} | {_util(o)} / {_util(f)} | {_met(r)} "
+            f"| {r['name']} | {_util(o)} / {_util(f)} | {target_marks(r['targets'])} "
             f"| {r['ours']:,.1f} | {r['reference']:,.1f} "
             f"| {r['ratio']:.2f}x ({r['ratio_ceiling']:.2f}x) "
             f"| {_with_first_start(o, _cold)} / {_with_first_start(f, _cold)} "
