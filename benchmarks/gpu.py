@@ -58,7 +58,7 @@ from benchmarks.workload import (
     prompt_tokens,
     train_flops,
 )
-from infer.engine import Engine
+from infer.engine import Chunk, Engine
 from infer.sampling import SamplingParams
 from llama_jax.config import LlamaConfig, preset
 from llama_jax.model import attention_kernel
@@ -162,14 +162,22 @@ def measure_decode(config: LlamaConfig, row: Row, params: Any) -> dict[str, Any]
         steps_per_call=DECODE_STEPS,
     )
     prompts = prompt_tokens(row, config.vocab_size).tolist()
-    job = engine.start_prefill(list(range(row.batch)), prompts, [(SamplingParams(), 0)] * row.batch)
-    while not engine.advance(job):
-        pass
-    jax.block_until_ready(engine.decode())
+    per = engine.blocks_per_seq  # each slot its own run of blocks, as many as its context
+    blocks = [list(range(i * per, (i + 1) * per)) for i in range(row.batch)]
+    step = engine.prefill_chunk
+    for start in range(0, row.length, step):
+        engine.prefill([
+            Chunk(slot=i, tokens=p[start : start + step], start=start, blocks=blocks[i],
+                  generated_from=len(p), last=start + step >= len(p),
+                  settings=(SamplingParams(), 0))
+            for i, p in enumerate(prompts)
+        ])  # fmt: skip
+    tables = engine.table(blocks, per)
+    jax.block_until_ready(engine.decode(tables))
 
     def call() -> float:
         start = time.perf_counter()
-        jax.block_until_ready(engine.decode())
+        jax.block_until_ready(engine.decode(tables))
         return time.perf_counter() - start
 
     seconds = [call() for _ in range(row.iters)]

@@ -12,8 +12,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from infer.protocol import usage
-
 
 class AccessLog:
     """ASGI middleware calling `write(line)` once per finished HTTP request."""
@@ -45,7 +43,7 @@ def access_line(scope: dict, status: int, seconds: float) -> str:
     parts = [scope["method"], scope["path"], str(status)]
     job = scope.get("state", {}).get("job")
     if job is not None and job.requests:
-        counts = usage(job.requests)
+        counts = job.usage()
         parts.append(f"tokens {counts['prompt_tokens']}+{counts['completion_tokens']}")
     parts.append(f"{seconds:.3f}s")
     return " ".join(parts)

@@ -19,9 +19,10 @@ from typing import Any, NoReturn
 
 import uvicorn
 
+from infer import lockstep
 from infer.access_log import AccessLog
 from infer.batching import Request, Scheduler, scheduler_for
-from infer.engine import EngineError, bucket
+from infer.engine import DEFAULT_BLOCK_SIZE, EngineError, bucket
 from infer.generate import Completion
 from infer.sampling import SamplingError, SamplingParams
 from infer.server import Limits, create_app
@@ -71,6 +72,29 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=positive, default=8, help="decode slots (default 8)")
     p.add_argument("--prefill-chunk", type=positive, default=512, help="prefill chunk tokens")
     p.add_argument("--steps-per-call", type=positive, default=1, help="decode steps per call")
+    p.add_argument(
+        "--block-size",
+        type=positive,
+        help=f"KV cache block size in tokens (default {DEFAULT_BLOCK_SIZE})",
+    )
+    p.add_argument(
+        "--kv-blocks",
+        type=positive,
+        help="KV pool size in blocks (default: enough for every slot at the full context)",
+    )
+    p.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="do not share the KV blocks of prompt prefixes between requests",
+    )
+    p.add_argument(
+        "--kv-layout",
+        choices=("paged", "contiguous"),
+        default="paged",
+        help="paged (default): blocks of --block-size from one pool; contiguous: one "
+        "whole-context row per slot (no prefix cache; for comparison)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log compiles and timings")
 
 
@@ -166,11 +190,21 @@ def context_len(model: Any, args: argparse.Namespace, resident: bool = False) ->
 def make_scheduler(
     model: Model, args: argparse.Namespace, max_len: int, slots: int, max_waiting: int = 1024
 ) -> Scheduler:
+    """The scheduler over `model`, its KV pool laid out as --kv-layout, --block-size and
+    --kv-blocks say."""
+    block_size, num_blocks, prefix_cache = args.block_size, args.kv_blocks, args.prefix_cache
+    if args.kv_layout == "contiguous":
+        if block_size or num_blocks:
+            raise CLIError("--kv-layout contiguous sets the block size and the pool itself")
+        block_size, num_blocks, prefix_cache = max_len, slots, False
     return scheduler_for(
         model,
         slots=slots,
         max_len=max_len,
         max_waiting=max_waiting,
+        prefix_cache=prefix_cache,
+        block_size=block_size or DEFAULT_BLOCK_SIZE,
+        num_blocks=num_blocks,
         prefill_chunk=args.prefill_chunk,
         steps_per_call=args.steps_per_call,
         rules=args.rules,
@@ -446,13 +480,20 @@ def server_parser() -> Parser:
                    help="queued requests beyond the decode slots; more get 429 (default 64)")  # fmt: skip
     p.add_argument("--quiet", action="store_true",
                    help="no access-log line per request (the ready line is still printed)")  # fmt: skip
+    lockstep.add_args(p)
     return p
 
 
-def serve(model: Model, args: argparse.Namespace) -> None:
-    """Build the app of `infer.server` over the model and run it until interrupted."""
+def serve(model: Model, args: argparse.Namespace, group: lockstep.Group | None = None) -> None:
+    """Build the app of `infer.server` over the model and run it until interrupted. In a
+    multi-host job (`group`) only process 0 serves; the others follow its engine calls."""
     context = context_len(model, args, resident=True)
     scheduler = make_scheduler(model, args, context, args.max_batch, args.max_waiting)
+    if group is not None:
+        if not group.leader:
+            print(f"process {group.rank}: following process 0", file=sys.stderr, flush=True)
+            return lockstep.follow(group, scheduler.engine)
+        scheduler.engine = lockstep.LockstepEngine(group, scheduler.engine)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens or context)
     name = args.model_name or (Path(args.checkpoint).name if args.checkpoint else args.preset)
     app = create_app(scheduler, model_name=name, limits=limits)
@@ -465,7 +506,11 @@ def serve(model: Model, args: argparse.Namespace) -> None:
         limit_concurrency=args.max_batch + args.max_waiting + 16,
         log_level="info" if args.verbose else "warning",
     )
-    AnnouncingServer(config, name).run()
+    try:
+        AnnouncingServer(config, name).run()
+    finally:
+        if group is not None:
+            group.stop()
 
 
 class AnnouncingServer(uvicorn.Server):
@@ -497,7 +542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[:1] == ["serve"]:
             args = server_parser().parse_args(argv[1:])
             setup_logging(args.verbose)
-            serve(load_model(args), args)
+            group = lockstep.join(args)
+            serve(load_model(args), args, group)
         else:
             args = generation_parser().parse_args(argv)
             setup_logging(args.verbose)

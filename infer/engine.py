@@ -1,46 +1,56 @@
-"""The inference engine: bucketed, chunked prefill and a jitted decode step over a fixed cache.
+"""The inference engine: a paged KV pool, chunked prefill and a jitted decode step.
 
-The engine owns one preallocated `KVCache` with a row per decode slot. A request is prefilled
-into a small cache of its own (prompts of one batch padded to a shared power-of-two length,
-processed in chunks so attention memory stays bounded), its first token is sampled, and the
-small cache is copied into the slot's row of the big one. Decoding then runs every slot in one
-jitted call per token (or per `steps_per_call` tokens) with the big cache donated, sampling
-fused in, and only token ids (plus log-probs) coming back. Compiled shapes are few and are
-recorded in `Engine.compiles` as they appear.
+The KV cache is one pool of fixed-size blocks per layer (`PagedKVCache`); a sequence holds a
+list of blocks, handed out by `infer.blocks.BlockAllocator`, so memory goes to the tokens
+sequences actually have, and sequences that share a prompt prefix share its blocks. The engine
+itself is the device half and knows nothing of requests: the scheduler (`infer.batching`) says
+which chunks of which sequences to prefill into which blocks, and which slots decode.
 
-Device work is dispatched asynchronously: methods return device arrays and the caller decides
-when to read them (see `batching.Scheduler`, which overlaps reading step t with running t+1).
+A slot is a row of the decode batch: its last token, its length, its sampling settings and
+its token history (for penalties) live on the device, so a decode call needs from the host
+only the block tables. Prefill writes each chunk straight into the pool through the sequence's
+block table; the chunk that ends a prompt also samples the first token and activates the slot.
+Decode runs every slot in one call per token (or per `steps_per_call` tokens) with the pool
+donated, sampling fused in, and only token ids (plus log-probs) coming back.
+
+Compiled shapes are bucketed (rows, chunk length and block-table width each a power of two)
+and recorded in `Engine.compiles` as they appear. Device work is dispatched asynchronously:
+methods return device arrays and the caller decides when to read them.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infer.grammar import apply_bitmask
 from infer.layer_views import unstack_layers
 from infer.sampling import (
     NO_LOGPROBS,
     Sampled,
     SamplingParams,
     SlotParams,
+    TokenHistory,
+    edit_logits,
     logprob_level,
     sample,
 )
 from llama_jax.config import LlamaConfig
-from llama_jax.kv_cache import CACHE_AXES, KVCache
+from llama_jax.kv_cache import CACHE_AXES, PAGED_AXES, PagedKVCache
 from llama_jax.model import Params, forward
-from sharding.place import cache_shardings
-from sharding.rules import logical_to_spec, split_size, with_rules
+from sharding.rules import logical_to_sharding, split_size, with_rules
 
 log = logging.getLogger("llama_jax.infer")
 
 MIN_PREFILL_LEN = 16
+DEFAULT_BLOCK_SIZE = 16
 
 
 class EngineError(ValueError):
@@ -48,46 +58,101 @@ class EngineError(ValueError):
 
 
 class DecodeState(NamedTuple):
-    """What the decode step carries and donates: the cache and each slot's last token."""
+    """What the engine's calls carry and donate: the pool and each slot's decode state."""
 
-    cache: KVCache
-    tokens: jax.Array  # int32 [slots]
+    k: jax.Array  # the pool, [layers, kv_heads, blocks, block_size, head_dim]
+    v: jax.Array
+    tokens: jax.Array  # int32 [slots]: the last token, the next decode step's input
+    lengths: jax.Array  # int32 [slots]: tokens in the cache
+    history: TokenHistory  # [slots, vocab]
 
 
-def _prefill_chunk(params, cache, last, tokens, segment_ids, *, config):
-    """Run one chunk of prompt tokens into the prefill cache; keep, per row, the logits of the
-    chunk that holds its last prompt token (rows of a ragged batch end in different chunks)."""
+@dataclass(frozen=True)
+class Chunk:
+    """Prompt tokens of one sequence to run into the pool in this call.
+
+    `start` tokens of the sequence are already in the pool; `tokens` continue from there, in
+    the blocks of `blocks` (which cover `start + len(tokens)`). Tokens at indices below
+    `generated_from` count as prompt for the penalties, later ones as generated (a sequence
+    recomputed after preemption). `last` chunks end the prompt: they sample the first token
+    with `settings` (params, seed) and make `slot` decode.
+    """
+
+    slot: int
+    tokens: Sequence[int]
+    start: int
+    blocks: Sequence[int]
+    generated_from: int
+    last: bool
+    settings: tuple[SamplingParams, int]
+
+
+def _record(history: TokenHistory, slots, tokens, positions, real, generated_from):
+    """The history rows of a prefill batch after its chunks: each row's slot's history (afresh
+    for a chunk at position 0) with the chunk's prompt tokens marked seen and its generated
+    ones (a sequence recomputed after preemption) counted. Padding rows read a clipped slot
+    and are never written back."""
+    vocab = history.counts.shape[1]
+    at = jnp.minimum(slots, history.counts.shape[0] - 1)
+    fresh = positions[:, :1] == 0
+    counts = jnp.where(fresh, 0, history.counts[at])
+    prompt = jnp.where(fresh, False, history.prompt[at])
+    generated = positions >= generated_from[:, None]
+    rows = jnp.arange(tokens.shape[0])[:, None]
+    prompt = prompt.at[rows, jnp.where(real & ~generated, tokens, vocab)].set(True, mode="drop")
+    counts = counts.at[rows, jnp.where(real & generated, tokens, vocab)].add(1, mode="drop")
+    return TokenHistory(counts, prompt)
+
+
+def _prefill(params, state, tokens, tables, starts, lengths, slots, generated_from, last,
+             row_params, bitmask, *, config, n_top):  # fmt: skip
+    """Run one chunk per row into the pool. Rows with `last` sample their first token and set
+    their slot's decode state; padding rows have slot == number of slots (scatters drop)."""
+    positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+    real = positions < (starts + lengths)[:, None]
+    cache = PagedKVCache(state.k, state.v, tables, starts)
     logits, cache = forward(
-        params, tokens, segment_ids=segment_ids, cache=cache, config=config, last_only=True
+        params, tokens, segment_ids=real.astype(jnp.int32), cache=cache, config=config,
+        last_only=True,
+    )  # fmt: skip
+    n_slots = state.tokens.shape[0]
+    rows = _record(state.history, slots, tokens, positions, real, generated_from)
+    logits = edit_logits(logits[:, 0], row_params, rows)
+    if bitmask is not None:
+        logits = apply_bitmask(logits, bitmask)
+    first = sample(logits, row_params, cache.lengths, n_top)
+    rows = rows.add(first.tokens, last)
+    target = jnp.where(last, slots, n_slots)  # only finished prompts take over their slot
+    history = TokenHistory(
+        state.history.counts.at[slots].set(rows.counts, mode="drop"),
+        state.history.prompt.at[slots].set(rows.prompt, mode="drop"),
     )
-    has_tokens = jnp.any(segment_ids != 0, axis=1)[:, None]
-    return cache, jnp.where(has_tokens, logits[:, 0], last)
-
-
-def _commit(state, prefill, last, slots, params, *, n_top):
-    """Sample each row's first token and copy its prefill cache into decode slot `slots[i]`.
-    Padding rows carry slot index == number of slots, which the scatters drop."""
-    cache, n = state.cache, prefill.max_len
-    first = sample(last, params, prefill.lengths, n_top)
-    cache = KVCache(
-        cache.k.at[:, slots, :n].set(prefill.k.astype(cache.k.dtype), mode="drop"),
-        cache.v.at[:, slots, :n].set(prefill.v.astype(cache.v.dtype), mode="drop"),
-        cache.lengths.at[slots].set(prefill.lengths, mode="drop"),
+    state = DecodeState(
+        cache.k,
+        cache.v,
+        state.tokens.at[target].set(first.tokens, mode="drop"),
+        state.lengths.at[target].set(cache.lengths, mode="drop"),
+        history,
     )
-    return DecodeState(cache, state.tokens.at[slots].set(first.tokens, mode="drop")), first
+    return state, first
 
 
-def _decode(params, state, slot_params, active, *, config, n_steps, n_top):
-    """`n_steps` decode steps for every slot; inactive slots do not advance their cache."""
+def _decode(params, state, tables, slot_params, active, bitmask, *, config, n_steps, n_top):
+    """`n_steps` decode steps for every slot; inactive slots do not advance (their tables hold
+    no blocks, so their writes are dropped)."""
     segment_ids = active.astype(jnp.int32)[:, None]
 
     def step(state: DecodeState, _):
+        cache = PagedKVCache(state.k, state.v, tables, state.lengths)
         logits, cache = forward(
-            params, state.tokens[:, None], segment_ids=segment_ids, cache=state.cache,
-            config=config,
-        )  # fmt: skip
-        out = sample(logits[:, 0], slot_params, cache.lengths, n_top)
-        return DecodeState(cache, out.tokens), out
+            params, state.tokens[:, None], segment_ids=segment_ids, cache=cache, config=config
+        )
+        logits = edit_logits(logits[:, 0], slot_params, state.history)
+        if bitmask is not None:
+            logits = apply_bitmask(logits, bitmask)
+        out = sample(logits, slot_params, cache.lengths, n_top)
+        history = state.history.add(out.tokens, active)
+        return DecodeState(cache.k, cache.v, out.tokens, cache.lengths, history), out
 
     return jax.lax.scan(step, state, None, length=n_steps)
 
@@ -95,9 +160,8 @@ def _decode(params, state, slot_params, active, *, config, n_steps, n_top):
 def _jit_all(wrap=lambda f: f):
     return {
         "prefill": jax.jit(
-            wrap(_prefill_chunk), static_argnames=("config",), donate_argnums=(1, 2)
+            wrap(_prefill), static_argnames=("config", "n_top"), donate_argnums=(1,)
         ),
-        "commit": jax.jit(wrap(_commit), static_argnames=("n_top",), donate_argnums=(0,)),
         "decode": jax.jit(
             wrap(_decode), static_argnames=("config", "n_steps", "n_top"), donate_argnums=(1,)
         ),
@@ -118,28 +182,14 @@ def bucket(n: int, lo: int, hi: int) -> int:
     return min(max(lo, 1 << max(n - 1, 0).bit_length()), hi)
 
 
-@dataclass
-class Prefill:
-    """A batch of prompts being prefilled, one chunk per `Engine.advance` call."""
-
-    slots: list[int]
-    prompt_lens: list[int]
-    tokens: np.ndarray  # int32 [rows, chunks * chunk]
-    chunk: int
-    cache: KVCache
-    last: jax.Array
-    params: SlotParams
-    want: list[int]  # per row: log-probs asked for (see `logprob_level`)
-    next_chunk: int = 0
-    first: Sampled | None = field(default=None, repr=False)  # set when done (device arrays)
-
-
 class Engine:
-    """Prefill + decode over `slots` cache rows of `max_len` tokens for one model.
+    """Paged prefill + decode for one model over `slots` decode rows.
 
-    With a `mesh`, the cache is placed by `sharding` rules (`rules`, default "infer_tp": slots
-    over the data axes, KV heads over `tensor`) and activations are constrained by the same
-    table; `params` must already be placed on that mesh.
+    The pool has `num_blocks` blocks of `block_size` tokens (default: enough for every slot to
+    hold `max_len` tokens). `block_size=max_len` with `num_blocks=slots` is the contiguous
+    layout: one whole-context row per sequence. With a `mesh`, the pool is placed by
+    `sharding` rules (`rules`, default "infer_tp": KV heads over `tensor`, blocks whole) and
+    activations are constrained by the same table; `params` must already be on that mesh.
     """
 
     def __init__(
@@ -149,6 +199,8 @@ class Engine:
         *,
         slots: int = 8,
         max_len: int | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        num_blocks: int | None = None,
         prefill_chunk: int = 512,
         steps_per_call: int = 1,
         mesh: jax.sharding.Mesh | None = None,
@@ -156,39 +208,59 @@ class Engine:
     ) -> None:
         self.config = config
         self.params = engine_params(params, mesh)
-        # The slots fill the cache's batch dimension, which must divide over the mesh axes the
-        # rules split it over.
+        # The slots fill the decode batch, which must divide over the mesh axes the rules split
+        # it over.
         split = 1 if mesh is None else split_size(CACHE_AXES[1], mesh, rules)
         self.slots = -(-slots // split) * split
         self.max_len = min(max_len or config.max_seq_len, config.max_seq_len)
         if self.max_len < 2:
             raise EngineError(f"max_len must be >= 2, got {self.max_len}")
+        if block_size < 1:
+            raise EngineError(f"block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
+        self.blocks_per_seq = -(-self.max_len // block_size)
+        self.num_blocks = num_blocks or self.slots * self.blocks_per_seq
         self.prefill_chunk = bucket(prefill_chunk, MIN_PREFILL_LEN, 1 << 30)
         self.steps_per_call = steps_per_call
         self.compiles: list[str] = []
         self.mesh, self.rules = mesh, rules
         self.reset()
 
+    @property
+    def kv_bytes_per_block(self) -> int:
+        c = self.config
+        per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim
+        return per_token * self.block_size * jnp.dtype(c.compute_dtype).itemsize
+
     def reset(self) -> None:
-        """A fresh cache with every slot free (also the way back from a failed call, whose
+        """An empty pool with every slot free (also the way back from a failed call, whose
         donated buffers may be gone)."""
-        self._fns, self.state = self._setup(self.mesh, self.rules)
+        self._fns = _jitted(self.mesh, self.rules)
+        self.state = self._zeros()
         self._host = SlotParams.host([(SamplingParams(), 0)] * self.slots)
         self._active = np.zeros(self.slots, np.bool_)
         self._want = np.full(self.slots, NO_LOGPROBS)
         self._device_slots: tuple[SlotParams, jax.Array] | None = None
 
-    def _setup(self, mesh, rules) -> tuple[dict, DecodeState]:
-        zeros = functools.partial(KVCache.zeros, self.config, self.slots, self.max_len)
-        if mesh is None:  # eager zeros: a jit of this fresh partial would compile every time
-            return _jitted(None, ""), DecodeState(zeros(), jnp.zeros((self.slots,), jnp.int32))
-        shardings = cache_shardings(
-            KVCache.abstract(self.config, self.slots, self.max_len), mesh, rules
+    def _zeros(self) -> DecodeState:
+        c, s = self.config, self.slots
+
+        def zeros() -> DecodeState:
+            k, v = PagedKVCache.pool_zeros(c, self.num_blocks, self.block_size)
+            ids = functools.partial(jnp.zeros, (s,), jnp.int32)  # two buffers: both are donated
+            return DecodeState(k, v, ids(), ids(), TokenHistory.zeros(s, c.vocab_size))
+
+        if self.mesh is None:  # eager zeros: a jit of this fresh closure would compile each time
+            return zeros()
+        shape = jax.eval_shape(zeros)
+        pool = logical_to_sharding(PAGED_AXES, self.mesh, self.rules, shape.k.shape, "KV pool")
+        rows = CACHE_AXES[1:2]
+        row = logical_to_sharding(rows, self.mesh, self.rules, shape.tokens.shape, "slots")
+        hist = logical_to_sharding(
+            (*rows, None), self.mesh, self.rules, shape.history.counts.shape, "token history"
         )
-        cache = jax.jit(zeros, out_shardings=shardings)()
-        tokens = jax.device_put(jnp.zeros((self.slots,), jnp.int32), shardings.lengths)
-        self._prefill_sharding = jax.sharding.NamedSharding(mesh, _prefill_cache_spec(mesh, rules))
-        return _jitted(mesh, rules), DecodeState(cache, tokens)
+        shardings = DecodeState(pool, pool, row, row, TokenHistory(hist, hist))
+        return jax.jit(zeros, out_shardings=shardings)()
 
     # --- bookkeeping -----------------------------------------------------------------------
 
@@ -202,106 +274,91 @@ class Engine:
         return np.flatnonzero(self._active).tolist()
 
     def release(self, slot: int) -> None:
-        """Stop decoding `slot`; its cache row is overwritten by the next prefill into it."""
+        """Stop decoding `slot`."""
         self._active[slot] = False
         self._want[slot] = NO_LOGPROBS
         self._device_slots = None
 
     def max_prompt_len(self) -> int:
         """Longest prompt that still leaves room for one generated token."""
-        return self.max_len - 1
+        return min(self.max_len, self.num_blocks * self.block_size) - 1
+
+    def table(self, rows: Sequence[Sequence[int]], width: int) -> np.ndarray:
+        """Block tables [rows, width], padded with the out-of-pool block (writes dropped)."""
+        out = np.full((len(rows), width), self.num_blocks, np.int32)
+        for i, blocks in enumerate(rows):
+            out[i, : len(blocks)] = blocks
+        return out
 
     # --- prefill ---------------------------------------------------------------------------
 
-    def start_prefill(
-        self, slots: list[int], prompts: list[list[int]], settings: list[tuple[SamplingParams, int]]
-    ) -> Prefill:
-        """Set up prefill of `prompts` into free `slots`; settings are (params, seed) per row."""
-        for prompt in prompts:
-            if not 1 <= len(prompt) <= self.max_prompt_len():
-                raise EngineError(
-                    f"prompt has {len(prompt)} tokens; it must have 1..{self.max_prompt_len()} "
-                    f"(the context is {self.max_len} tokens, and one is needed to generate)"
-                )
-        busy = [s for s in slots if self._active[s]]
-        if busy:
-            raise EngineError(f"slots {busy} are busy")
-        rows = bucket(len(prompts), 1, 1 << 30)
-        length = bucket(max(map(len, prompts)), MIN_PREFILL_LEN, self.max_len)
-        chunk = min(length, self.prefill_chunk)
-        padded = -(-length // chunk) * chunk
-        tokens = np.zeros((rows, padded), np.int32)
-        for i, prompt in enumerate(prompts):
-            tokens[i, : len(prompt)] = prompt
-        pad = [(SamplingParams(), 0)] * (rows - len(prompts))
-        cache = KVCache.zeros(self.config, rows, length)
-        if self.mesh is not None:
-            cache = jax.device_put(
-                cache, KVCache(self._prefill_sharding, self._prefill_sharding, None)
-            )
-        last = jnp.zeros((rows, self.config.vocab_size), jnp.float32)
-        return Prefill(
-            slots=list(slots) + [self.slots] * (rows - len(prompts)),
-            prompt_lens=[len(p) for p in prompts] + [0] * (rows - len(prompts)),
-            tokens=tokens,
-            chunk=chunk,
-            cache=cache,
-            last=last,
-            params=SlotParams.host(list(settings) + pad),
-            want=[logprob_level(p) for p, _ in settings] + [NO_LOGPROBS] * len(pad),
+    def prefill(self, chunks: Sequence[Chunk], bitmask: np.ndarray | None = None) -> Sampled:
+        """Run `chunks` (at most `prefill_chunk` tokens each) in one call. Returns each row's
+        first token as device arrays (meaningful for `last` chunks, whose slots now decode).
+        `bitmask` [len(chunks), words] constrains those first tokens (see `infer.grammar`)."""
+        rows = bucket(len(chunks), 1, 1 << 30)
+        length = bucket(max(len(c.tokens) for c in chunks), MIN_PREFILL_LEN, self.prefill_chunk)
+        width = bucket(max(len(c.blocks) for c in chunks), 1, self.blocks_per_seq)
+        tokens = np.zeros((rows, length), np.int32)
+        for i, c in enumerate(chunks):
+            tokens[i, : len(c.tokens)] = c.tokens
+        pad = rows - len(chunks)
+
+        def column(values, fill, dtype=np.int32):
+            return np.asarray([*values, *[fill] * pad], dtype)
+
+        settings = [c.settings for c in chunks] + [(SamplingParams(), 0)] * pad
+        want = [logprob_level(c.settings[0]) if c.last else NO_LOGPROBS for c in chunks]
+        n_top = _n_top(want)
+        if bitmask is not None:
+            bitmask = np.concatenate([bitmask, np.full((pad, bitmask.shape[1]), -1, np.int32)])
+        self._compiled(
+            f"prefill rows={rows} chunk={length} blocks={width} logprobs={n_top} "
+            f"masked={bitmask is not None}"
         )
-
-    def advance(self, job: Prefill) -> bool:
-        """Run the next chunk of `job`; after the last one, sample first tokens and move the
-        rows into their decode slots (which become active). Returns whether `job` is done."""
-        c, i = job.chunk, job.next_chunk
-        lens = np.asarray(job.prompt_lens)[:, None]
-        positions = np.arange(i * c, (i + 1) * c)[None, :]
-        segment_ids = (positions < lens).astype(np.int32)
-        rows, length = job.tokens.shape[0], job.cache.max_len
-        self._compiled(f"prefill rows={rows} chunk={c} len={length}")
-        job.cache, job.last = self._fns["prefill"](
-            self.params, job.cache, job.last, job.tokens[:, i * c : (i + 1) * c], segment_ids,
-            config=self.config,
+        self.state, first = self._fns["prefill"](
+            self.params, self.state, tokens,
+            self.table([c.blocks for c in chunks] + [[]] * pad, width),
+            column((c.start for c in chunks), 0),
+            column((len(c.tokens) for c in chunks), 0),
+            column((c.slot for c in chunks), self.slots),
+            column((c.generated_from for c in chunks), 0),
+            column((c.last for c in chunks), False, np.bool_),
+            SlotParams.host(settings), bitmask,
+            config=self.config, n_top=n_top,
         )  # fmt: skip
-        job.next_chunk += 1
-        if job.next_chunk * c < job.tokens.shape[1]:
-            return False
-        n_top = _n_top(job.want)
-        self._compiled(f"commit rows={rows} len={length} logprobs={n_top}")
-        self.state, job.first = self._fns["commit"](
-            self.state, job.cache, job.last, np.asarray(job.slots, np.int32), job.params,
-            n_top=n_top,
-        )  # fmt: skip
-        job.cache = job.last = None
-        self._activate(job)
-        return True
+        for c in chunks:
+            if c.last:
+                self._activate(c.slot, c.settings)
+        return first
 
-    def _activate(self, job: Prefill) -> None:
-        for row, slot in enumerate(job.slots):
-            if slot < self.slots:
-                for name, values in zip(SlotParams._fields, job.params, strict=True):
-                    getattr(self._host, name)[slot] = values[row]
-                self._active[slot] = True
-                self._want[slot] = job.want[row]
+    def _activate(self, slot: int, settings: tuple[SamplingParams, int]) -> None:
+        row = SlotParams.host([settings])
+        for name, values in zip(SlotParams._fields, row, strict=True):
+            getattr(self._host, name)[slot] = values[0]
+        self._active[slot] = True
+        self._want[slot] = logprob_level(settings[0])
         self._device_slots = None
 
     # --- decode ----------------------------------------------------------------------------
 
-    def decode(self) -> Sampled:
-        """One decode call for all slots: `steps_per_call` tokens each, arrays [steps, slots]
-        still on device. Inactive slots produce tokens that mean nothing."""
+    def decode(self, tables: np.ndarray, bitmask: np.ndarray | None = None) -> Sampled:
+        """One decode call for all slots: `steps_per_call` tokens each (1 with a `bitmask`
+        [slots, words]), arrays [steps, slots] still on device. `tables` [slots, width] are the
+        slots' blocks, covering their lengths plus the steps (see `table`). Inactive slots
+        produce tokens that mean nothing."""
         if self._device_slots is None:
             self._device_slots = jax.device_put((self._host, self._active.copy()))
         slot_params, active = self._device_slots
         n_top = _n_top(self._want[self._active])
+        steps = 1 if bitmask is not None else self.steps_per_call
         self._compiled(
-            f"decode slots={self.slots} len={self.max_len} steps={self.steps_per_call} "
-            f"logprobs={n_top}"
+            f"decode slots={self.slots} blocks={tables.shape[1]} steps={steps} "
+            f"logprobs={n_top} masked={bitmask is not None}"
         )
         self.state, out = self._fns["decode"](
-            self.params, self.state, slot_params, active,
-            config=self.config, n_steps=self.steps_per_call, n_top=n_top,
+            self.params, self.state, tables, slot_params, active, bitmask,
+            config=self.config, n_steps=steps, n_top=n_top,
         )  # fmt: skip
         return out
 
@@ -319,10 +376,3 @@ def _n_top(wants) -> int | None:
     """The static log-prob setting a call needs to serve every row's `logprob_level`."""
     level = max(wants, default=NO_LOGPROBS)
     return None if level == NO_LOGPROBS else level
-
-
-def _prefill_cache_spec(mesh, rules) -> jax.sharding.PartitionSpec:
-    """The prefill cache is sharded like the decode cache except over rows (a prefill batch is
-    small and need not divide the data axes)."""
-    names = (CACHE_AXES[0], None, *CACHE_AXES[2:])
-    return logical_to_spec(names, dict(mesh.shape), rules)

@@ -7,7 +7,7 @@ changes a result: a ragged batch gives each prompt the tokens it would get alone
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +15,7 @@ import numpy as np
 
 from infer.batching import Request, scheduler_for
 from infer.engine import bucket
+from infer.grammar import canonical_response_format
 from infer.sampling import SamplingParams
 
 
@@ -81,9 +82,12 @@ def generate(
     """Generate for one prompt (text or token ids) or a list of them.
 
     Sampling keywords are those of `SamplingParams` (greedy by default; `stop` may be one
-    string or several). `max_batch` bounds the decode slots; `max_len` the context (default:
-    what the longest prompt plus `max_new_tokens` needs, rounded up to a power of two).
+    string or several; `response_format` the OpenAI dict). `max_batch` bounds the decode
+    slots; `max_len` the context (default: what the longest prompt plus `max_new_tokens`
+    needs, rounded up to a power of two).
     """
+    if isinstance(sampling.get("response_format"), Mapping):
+        sampling["response_format"] = canonical_response_format(sampling["response_format"])
     params = SamplingParams(**sampling)
     ids, single = encode_prompts(prompts, model.tokenizer)
     needed = max(map(len, ids)) + params.max_new_tokens

@@ -1,8 +1,8 @@
 """OpenAI API shapes: validated request bodies and the JSON pieces of responses.
 
 Requests are pydantic models, so a wrong type or an out-of-range value becomes a 400 with the
-field named. Fields may be null (meaning: the default). `top_k`, `min_p`, `stop_token_ids` are
-extensions (vLLM spells them the same way).
+field named. Fields may be null (meaning: the default). `top_k`, `min_p`, `stop_token_ids` and
+`repetition_penalty` are extensions (vLLM spells them the same way).
 """
 
 from __future__ import annotations
@@ -14,7 +14,17 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from infer.batching import Request
-from infer.sampling import MAX_SEED, MAX_TOP_LOGPROBS, SamplingParams
+from infer.grammar import canonical_response_format
+from infer.sampling import (
+    MAX_BIAS,
+    MAX_LOGIT_BIAS,
+    MAX_PENALTY,
+    MAX_SEED,
+    MAX_TOP_LOGPROBS,
+    SamplingParams,
+)
+
+MAX_N = 16  # choices per prompt; each is a scheduler request of its own
 
 
 class StreamOptions(BaseModel):
@@ -35,19 +45,27 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    n: int | None = Field(default=None, ge=1, le=1)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
+    presence_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    # OpenAI sends token ids as JSON object keys, so strings; `_limits` checks them.
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}; checked
+    # (and compiled) by SamplingParams, so a bad schema is a 400 naming response_format.
+    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _unsupported(self):
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise ValueError(f"{name} is not supported (only 0)")
+    def _limits(self):
         if isinstance(self.stop, list) and len(self.stop) > 16:
             raise ValueError("stop: at most 16 stop strings")
+        for key, value in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"logit_bias: keys must be token ids, got {key!r}")
+            if not abs(value) <= MAX_BIAS:
+                raise ValueError(f"logit_bias: values must be in [-100, 100], got {value!r}")
         return self
 
     def sampling(self, max_new_tokens: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
@@ -63,6 +81,11 @@ class SamplingFields(BaseModel):
             stop_token_ids=self.stop_token_ids,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            response_format=canonical_response_format(self.response_format),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
         )
 
     @property
@@ -105,13 +128,17 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(requests: list[Request]) -> dict[str, int]:
-    prompt = sum(len(r.prompt_ids) for r in requests)
+def usage(requests: list[Request], n: int = 1) -> dict[str, Any]:
+    """OpenAI usage of `requests`, `n` choices per prompt in prompt-major order: the choices of
+    one prompt share it, so its tokens count once (as OpenAI bills them). `cached_tokens` are
+    the prompt tokens the prefix cache served, of the first choice of each prompt."""
+    prompt = sum(len(r.prompt_ids) for r in requests[::n])
     completion = sum(len(r.token_ids) for r in requests)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in requests[::n])},
     }
 
 

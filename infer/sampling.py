@@ -3,8 +3,11 @@
 Every decode slot carries its own settings as device arrays (`SlotParams`), so one compiled
 step serves greedy and sampled requests side by side. Randomness is keyed by (request seed,
 token position), never by batch composition: a seeded request gives the same tokens alone or
-sharing a batch. Filters follow Hugging Face's order: temperature, then top-k, top-p on what
-top-k left, and min-p (relative to the most likely token, so unaffected by the earlier cuts).
+sharing a batch. Before sampling, `edit_logits` applies penalties and logit_bias in vLLM's
+order: repetition penalty (over prompt and generated tokens), frequency and presence penalties
+(over generated tokens), then the bias. Filters then follow Hugging Face's order: temperature,
+then top-k, top-p on what top-k left, and min-p (relative to the most likely token, so
+unaffected by the earlier cuts).
 Everything here runs over the full vocabulary every step, so it avoids what is slow there on
 CPU: sorting, `argmax`'s paired reduction, and threefry random bits.
 """
@@ -14,16 +17,21 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infer.grammar import ResponseFormatError, compile_response_format
+
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound; the step computes exactly this many when any are asked
 MAX_SEED = 2**32 - 1
 CANDIDATES = 64  # top-k / top-p cuts are looked for among this many largest logits first
 NO_LOGPROBS = -1
+MAX_LOGIT_BIAS = 300  # OpenAI's bound on logit_bias entries; the per-slot arrays have this width
+MAX_PENALTY = 2.0  # OpenAI's bound on |presence_penalty| and |frequency_penalty|
+MAX_BIAS = 100.0  # OpenAI's bound on |logit_bias value|
 
 
 class SamplingError(ValueError):
@@ -38,7 +46,14 @@ class SamplingError(ValueError):
 class SamplingParams:
     """How to sample one request. `temperature == 0` is greedy (argmax); `top_k == 0`,
     `top_p == 1` and `min_p == 0` switch those filters off. `stop_token_ids=None` means the
-    model's defaults (`<|eot_id|>`, `<|eom_id|>`, `<|end_of_text|>` for Llama 3)."""
+    model's defaults (`<|eot_id|>`, `<|eom_id|>`, `<|end_of_text|>` for Llama 3).
+    `response_format` is the OpenAI response_format as JSON text (a dict would not hash), None
+    for free text; `infer.grammar` turns it into the constraint on every token.
+    `presence_penalty` and `frequency_penalty` (OpenAI's, 0 = off) count generated tokens only;
+    `repetition_penalty` (Hugging Face's, 1 = off) covers the prompt too. `logit_bias` maps
+    token ids to additive biases; a dict is accepted and stored as a sorted tuple of pairs so
+    the settings stay hashable. Its ids are checked against a vocabulary by `check_vocab`,
+    since the model is not known here."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -50,6 +65,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    response_format: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         integer, number = numbers.Integral, numbers.Real
@@ -61,6 +81,9 @@ class SamplingParams:
             ("min_p", number, lambda x: 0.0 <= x <= 1.0, "a number in [0, 1]"),
             ("seed", integer, lambda x: 0 <= x <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
             ("top_logprobs", integer, lambda x: 0 <= x <= MAX_TOP_LOGPROBS, "in [0, 20]"),
+            ("presence_penalty", number, lambda x: abs(x) <= MAX_PENALTY, "a number in [-2, 2]"),
+            ("frequency_penalty", number, lambda x: abs(x) <= MAX_PENALTY, "a number in [-2, 2]"),
+            ("repetition_penalty", number, lambda x: 0.0 < x < math.inf, "a number > 0"),
         )
         for name, types, ok, expected in checks:
             value = getattr(self, name)
@@ -77,6 +100,53 @@ class SamplingParams:
             if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
                 raise SamplingError("stop_token_ids", f"must be integers, got {ids!r}")
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
+        if self.response_format is not None:
+            if not isinstance(self.response_format, str):
+                raise SamplingError(
+                    "response_format", f"must be JSON text, got {self.response_format!r}"
+                )
+            try:
+                compile_response_format(self.response_format)  # cached by text
+            except ResponseFormatError as e:
+                raise SamplingError("response_format", e.reason) from None
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise SamplingError("logit_bias", ...) for a biased token id >= `vocab_size`: the
+        sampler's scatter would silently drop it, so a typo'd id must be refused up front."""
+        for token, _ in self.logit_bias:
+            if token >= vocab_size:
+                raise SamplingError(
+                    "logit_bias",
+                    f"token id {token} is out of range: the vocab_size is {vocab_size}",
+                )
+
+
+def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` (a dict or (id, bias) pairs) as sorted (int, float) pairs, or SamplingError."""
+    try:
+        pairs = list(bias.items() if isinstance(bias, dict) else bias)
+        if not all(len(pair) == 2 for pair in pairs):
+            raise TypeError
+    except TypeError:
+        raise SamplingError("logit_bias", f"must map token ids to numbers, got {bias!r}") from None
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise SamplingError("logit_bias", f"must have at most {MAX_LOGIT_BIAS} entries")
+    for token, value in pairs:
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
+            raise SamplingError("logit_bias", f"token ids must be integers >= 0, got {token!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Real)
+            or not abs(value) <= MAX_BIAS
+        ):
+            raise SamplingError(
+                "logit_bias", f"values must be numbers in [-100, 100], got {value!r} for {token}"
+            )
+    out = tuple(sorted((int(t), float(v)) for t, v in pairs))
+    if len({t for t, _ in out}) != len(out):
+        raise SamplingError("logit_bias", "has a token id more than once")
+    return out
 
 
 class SlotParams(NamedTuple):
@@ -87,22 +157,107 @@ class SlotParams(NamedTuple):
     top_p: jax.Array  # float32 [S]; 1 = off
     min_p: jax.Array  # float32 [S]; 0 = off
     seed: jax.Array  # uint32 [S]
+    presence_penalty: jax.Array  # float32 [S]; 0 = off
+    frequency_penalty: jax.Array  # float32 [S]; 0 = off
+    repetition_penalty: jax.Array  # float32 [S]; 1 = off
+    # logit_bias, sparse: a dense [S, V] bias would be copied to the device on every change of
+    # a slot's settings; 300 pairs per slot are what OpenAI allows.
+    bias_ids: jax.Array  # int32 [S, MAX_LOGIT_BIAS]; -1 pads
+    bias_values: jax.Array  # float32 [S, MAX_LOGIT_BIAS]; 0 pads
 
     @classmethod
     def host(cls, rows: list[tuple[SamplingParams, int]]) -> SlotParams:
         """numpy arrays for (settings, resolved seed) rows."""
+        bias_ids = np.full((len(rows), MAX_LOGIT_BIAS), -1, np.int32)
+        bias_values = np.zeros((len(rows), MAX_LOGIT_BIAS), np.float32)
+        for row, (p, _) in enumerate(rows):
+            for col, (token, value) in enumerate(p.logit_bias):
+                bias_ids[row, col], bias_values[row, col] = token, value
         return cls(
             np.array([p.temperature for p, _ in rows], np.float32),
             np.array([p.top_k for p, _ in rows], np.int32),
             np.array([p.top_p for p, _ in rows], np.float32),
             np.array([p.min_p for p, _ in rows], np.float32),
             np.array([seed for _, seed in rows], np.uint32),
+            np.array([p.presence_penalty for p, _ in rows], np.float32),
+            np.array([p.frequency_penalty for p, _ in rows], np.float32),
+            np.array([p.repetition_penalty for p, _ in rows], np.float32),
+            bias_ids,
+            bias_values,
         )
 
 
+class TokenHistory(NamedTuple):
+    """What each slot has seen, for the penalties: dense over the vocabulary so that applying
+    them is one elementwise pass (no gather of a variable-length token list in the step)."""
+
+    counts: jax.Array  # int32 [S, V]; how often each token was generated
+    prompt: jax.Array  # bool [S, V]; the token occurs in the prompt
+
+    @staticmethod
+    def zeros(rows: int, vocab: int) -> TokenHistory:
+        """Nothing seen yet."""
+        return TokenHistory(jnp.zeros((rows, vocab), jnp.int32), jnp.zeros((rows, vocab), bool))
+
+    @staticmethod
+    def of_prompts(prompt_tokens: jax.Array, prompt_lengths: jax.Array, vocab: int) -> TokenHistory:
+        """The history right after prefill: the first `prompt_lengths` [S] of `prompt_tokens`
+        [S, T] (the rest is padding) marked as prompt, nothing generated."""
+        s, t = prompt_tokens.shape
+        real = jnp.arange(t)[None, :] < prompt_lengths[:, None]
+        ids = jnp.where(real, prompt_tokens, vocab)  # out of range: dropped by the scatter
+        prompt = jnp.zeros((s, vocab), bool).at[jnp.arange(s)[:, None], ids].set(True, mode="drop")
+        return TokenHistory(jnp.zeros((s, vocab), jnp.int32), prompt)
+
+    def add(self, tokens: jax.Array, active: jax.Array) -> TokenHistory:
+        """This history with `tokens` [S] counted as generated where `active` [S]."""
+        rows = jnp.arange(tokens.shape[0])
+        return self._replace(counts=self.counts.at[rows, tokens].add(active.astype(jnp.int32)))
+
+
+def edit_logits(logits: jax.Array, p: SlotParams, history: TokenHistory) -> jax.Array:
+    """float32 `logits` [S, V] after each row's penalties and logit_bias, in vLLM's order.
+
+    Repetition penalty divides positive logits of every token seen (prompt or generated) by r
+    and multiplies negative ones by r, so either way the token gets less likely. Then
+    `logit -= frequency_penalty * count + presence_penalty * (count > 0)` over generated
+    tokens, and the bias is added. Each edit is a pass over [S, V] (128k wide for Llama 3)
+    every decode step, so it is skipped when no row uses it; rows that do not use it are left
+    unchanged by its neutral value (r = 1, penalties 0, no bias ids).
+    """
+
+    def repetition(x: jax.Array) -> jax.Array:
+        seen = history.prompt | (history.counts > 0)
+        r = p.repetition_penalty[:, None]
+        return jnp.where(seen, jnp.where(x > 0, x / r, x * r), x)
+
+    def frequency_presence(x: jax.Array) -> jax.Array:
+        counts = history.counts.astype(jnp.float32)
+        return (
+            x
+            - p.frequency_penalty[:, None] * counts
+            - p.presence_penalty[:, None] * (counts > 0).astype(jnp.float32)
+        )
+
+    def bias(x: jax.Array) -> jax.Array:
+        used = p.bias_ids >= 0
+        ids = jnp.where(used, p.bias_ids, x.shape[1])  # padding: out of range, dropped
+        rows = jnp.arange(x.shape[0])[:, None]
+        return x.at[rows, ids].add(jnp.where(used, p.bias_values, 0.0), mode="drop")
+
+    def unchanged(x: jax.Array) -> jax.Array:
+        return x
+
+    logits = jax.lax.cond(jnp.any(p.repetition_penalty != 1.0), repetition, unchanged, logits)
+    penalised = jnp.any((p.frequency_penalty != 0.0) | (p.presence_penalty != 0.0))
+    logits = jax.lax.cond(penalised, frequency_presence, unchanged, logits)
+    return jax.lax.cond(jnp.any(p.bias_ids >= 0), bias, unchanged, logits)
+
+
 class Sampled(NamedTuple):
-    """One sampled token per row, its log-probability under the model (before any filter),
-    and the `n_top` most likely alternatives (empty trailing axis when not asked for)."""
+    """One sampled token per row, its log-probability under the logits `sample` was given
+    (before temperature and any filter), and the `n_top` most likely alternatives (empty
+    trailing axis when not asked for)."""
 
     tokens: jax.Array  # int32 [B]
     logprobs: jax.Array  # float32 [B]
@@ -248,7 +403,9 @@ def sample(logits: jax.Array, p: SlotParams, positions: jax.Array, n_top: int | 
     `positions` [B] is the index the new token will occupy; with the row's seed it keys the
     random draw. Rows with temperature 0 take the argmax; when every row is greedy the filters
     and the draw are skipped entirely. Log-probs cost a pass over the vocabulary, so they are
-    computed only when `n_top` is not None (zeros otherwise), with `n_top` alternatives.
+    computed only when `n_top` is not None (zeros otherwise), with `n_top` alternatives. They
+    are log-softmax of the logits given here: after `edit_logits` (penalties and bias) when the
+    caller applied it, before temperature and the filters (vLLM's "processed" log-probs).
     """
     b, v = logits.shape
     greedy = first_argmax(logits)

@@ -5,12 +5,17 @@ tokens through an asyncio queue fed from that thread. Everything a client can ge
 4xx with an OpenAI-style JSON error: invalid JSON or fields (400), unknown model (404), a body
 over `--max-body-bytes` (413), a full queue (429). A streaming client that disconnects has its
 request cancelled, which frees its decode slot at the next scheduler step.
+
+`n` choices per prompt are `n` scheduler requests, numbered as OpenAI does: choice i of prompt
+j has index j * n + i.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
 import threading
@@ -61,19 +66,39 @@ class APIError(Exception):
 Event = tuple[int, str, bool, int]  # (choice index, new text, finished, tokens so far)
 
 
-class Job:
-    """The requests of one HTTP call and the queue their progress arrives on."""
+def choice_seed(seed: int, choice: int) -> int:
+    """The seed of choice `choice` of a request seeded with `seed`. Choice 0 keeps the seed, so
+    `n=1` samples as before; the others hash (seed, choice), so seeded choices repeat exactly
+    yet differ from each other (one shared seed would make all n the same text)."""
+    if choice == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}/{choice}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
 
-    def __init__(self, scheduler: Scheduler) -> None:
-        self.scheduler = scheduler
+
+class Job:
+    """The requests of one HTTP call (`n` per prompt, prompt-major) and the queue their
+    progress arrives on."""
+
+    def __init__(self, scheduler: Scheduler, n: int = 1) -> None:
+        self.scheduler, self.n = scheduler, n
         self.requests: list[Request] = []
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
 
     def submit(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        """One request per (prompt, choice); without a seed each gets a random one (the
+        scheduler's default)."""
+        choices = [params] * self.n
+        if params.seed is not None:
+            choices = [
+                dataclasses.replace(params, seed=choice_seed(params.seed, i)) for i in range(self.n)
+            ]
         try:
-            for i, ids in enumerate(prompts):
-                self.requests.append(self.scheduler.submit(ids, params, self._listener(i)))
+            for ids in prompts:
+                for choice in choices:
+                    listener = self._listener(len(self.requests))
+                    self.requests.append(self.scheduler.submit(ids, choice, listener))
         except Overloaded as e:
             self.cancel()
             raise APIError(429, f"server busy: {e}", "rate_limit_error") from None
@@ -111,6 +136,10 @@ class Job:
         if any(r.finish_reason == "error" for r in self.requests):
             raise APIError(500, "generation failed; see the server log", "server_error")
 
+    def usage(self) -> dict[str, int]:
+        """OpenAI usage; also what the access log shows (it knows nothing of `n`)."""
+        return usage(self.requests, self.n)
+
     def cancel(self) -> None:
         for r in self.requests:
             if not r.done.is_set():
@@ -125,6 +154,7 @@ class API:
         self.tokenizer = scheduler.tokenizer
         self.tokens = TokenText(self.tokenizer)
         self.context = scheduler.engine.max_len
+        self.vocab_size = scheduler.engine.config.vocab_size
 
     def _check(self, body: SamplingFields, max_tokens: int | None, default: int) -> int:
         if body.model not in (None, self.model_name):
@@ -137,7 +167,9 @@ class API:
         self, body: SamplingFields, max_new: int, logprobs: bool, top: int
     ) -> SamplingParams:
         try:
-            return body.sampling(max_new, logprobs, top)
+            params = body.sampling(max_new, logprobs, top)
+            params.check_vocab(self.vocab_size)
+            return params
         except SamplingError as e:
             raise APIError(400, str(e)) from None
 
@@ -153,7 +185,7 @@ class API:
         prompts = self._completion_prompts(body.prompt)
         top = body.logprobs or 0
         params = self._sampling(body, max_new, body.logprobs is not None, top)
-        job = http.state.job = Job(self.scheduler)  # the access log reads its token counts
+        job = http.state.job = Job(self.scheduler, body.n or 1)  # the access log reads its usage
         job.submit(prompts, params)
         rid, created = new_id("cmpl"), now()
 
@@ -169,7 +201,7 @@ class API:
                  if body.logprobs is not None else None}
                 for i, r in enumerate(job.requests)
             ]  # fmt: skip
-            return chunk(choices, usage=usage(job.requests))
+            return chunk(choices, usage=job.usage())
 
         async def stream() -> AsyncIterator[dict]:
             sent = [0] * len(job.requests)
@@ -185,7 +217,7 @@ class API:
                     yield chunk([{"index": i, "text": piece, "logprobs": lp,
                                   "finish_reason": r.finish_reason if done else None}])  # fmt: skip
             if body.include_usage:
-                yield chunk([], usage=usage(job.requests))
+                yield chunk([], usage=job.usage())
 
         return sse(stream(), job)
 
@@ -216,12 +248,12 @@ class API:
         max_new = self._check(body, body.max_completion_tokens or body.max_tokens, room)
         want_lp = bool(body.logprobs)
         params = self._sampling(body, max_new, want_lp, body.top_logprobs or 0 if want_lp else 0)
-        job = http.state.job = Job(self.scheduler)
+        n = body.n or 1
+        job = http.state.job = Job(self.scheduler, n)
         job.submit([ids], params)
-        r = job.requests[0]
         rid, created = new_id("chatcmpl"), now()
 
-        def reply() -> tuple[dict, str]:
+        def reply(r: Request) -> tuple[dict, str]:
             """The finished message and finish_reason (tool calls parsed when tools were on)."""
             message = parse_assistant(tok, r.token_ids) if tools else None
             if message and message["tool_calls"]:
@@ -229,43 +261,49 @@ class API:
                         "tool_calls": message["tool_calls"]}, "tool_calls"  # fmt: skip
             return {"role": "assistant", "content": r.text}, r.finish_reason
 
-        def chunk(delta: dict, finish: str | None = None, lp: dict | None = None) -> dict:
+        def chunk(
+            index: int, delta: dict, finish: str | None = None, lp: dict | None = None
+        ) -> dict:
             return {"id": rid, "object": "chat.completion.chunk", "created": created,
                     "model": self.model_name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": lp,
+                    "choices": [{"index": index, "delta": delta, "logprobs": lp,
                                  "finish_reason": finish}]}  # fmt: skip
 
         if not body.stream:
             await job.wait(http)
-            message, finish = reply()
-            lp = self.tokens.chat_logprobs(r, 0, len(r.token_ids)) if want_lp else None
+            choices = []
+            for i, r in enumerate(job.requests):
+                message, finish = reply(r)
+                lp = self.tokens.chat_logprobs(r, 0, len(r.token_ids)) if want_lp else None
+                choices.append({"index": i, "message": message, "logprobs": lp,
+                                "finish_reason": finish})  # fmt: skip
             return {"id": rid, "object": "chat.completion", "created": created,
-                    "model": self.model_name,
-                    "choices": [{"index": 0, "message": message, "logprobs": lp,
-                                 "finish_reason": finish}],
-                    "usage": usage(job.requests)}  # fmt: skip
+                    "model": self.model_name, "choices": choices,
+                    "usage": job.usage()}  # fmt: skip
 
         async def stream() -> AsyncIterator[dict]:
-            yield chunk({"role": "assistant", "content": ""})
-            held, sent, streaming = "", 0, not tools
-            async for _, piece, done, n in job.events():
-                held += piece
+            for i in range(n):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            held, sent, streaming = [""] * n, [0] * n, [not tools] * n
+            async for i, piece, done, count in job.events():
+                r = job.requests[i]
+                held[i] += piece
                 # With tools on offer, text that may still become a tool call waits.
-                streaming = streaming or not may_be_tool_call(held)
-                if streaming and (held or n > sent):
-                    lp = self.tokens.chat_logprobs(r, sent, n) if want_lp else None
-                    yield chunk({"content": held}, lp=lp)
-                    held, sent = "", n
+                streaming[i] = streaming[i] or not may_be_tool_call(held[i])
+                if streaming[i] and (held[i] or count > sent[i]):
+                    lp = self.tokens.chat_logprobs(r, sent[i], count) if want_lp else None
+                    yield chunk(i, {"content": held[i]}, lp=lp)
+                    held[i], sent[i] = "", count
                 if done:
-                    message, finish = reply()
+                    message, finish = reply(r)
                     if message.get("tool_calls"):
                         calls = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
-                        yield chunk({"tool_calls": calls})
-                    elif held:
-                        yield chunk({"content": held})
-                    yield chunk({}, finish)
+                        yield chunk(i, {"tool_calls": calls})
+                    elif held[i]:
+                        yield chunk(i, {"content": held[i]})
+                    yield chunk(i, {}, finish)
             if body.include_usage:
-                yield {**chunk({}), "choices": [], "usage": usage(job.requests)}
+                yield {**chunk(0, {}), "choices": [], "usage": job.usage()}
 
         return sse(stream(), job)
 

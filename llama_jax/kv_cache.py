@@ -40,3 +40,41 @@ class KVCache(NamedTuple):
         cls, config: LlamaConfig, batch: int, max_len: int, dtype: str | None = None
     ) -> KVCache:
         return jax.eval_shape(lambda: cls.zeros(config, batch, max_len, dtype))
+
+
+PAGED_AXES = ("cache_layers", "cache_kv_heads", "cache_blocks", "cache_block", "cache_head_dim")
+
+
+class PagedKVCache(NamedTuple):
+    """A KV cache in fixed-size blocks shared by all sequences, and the view of one batch.
+
+    `k`/`v` are the pool, [layers, kv_heads, blocks, block_size, head_dim]: heads first within a
+    layer, so one (layer, head)'s blocks are [blocks, block_size, head_dim] pages, the layout
+    the Pallas paged-attention kernel reads (`llama_jax.paged_attention`). Row `b` of a batch
+    holds `lengths[b]` tokens, token `i` in block `block_tables[b, i // block_size]` at offset
+    `i % block_size`. Entries past a row's blocks are `blocks` (one past the last block): writes
+    there are dropped, so padding tokens never touch another sequence's blocks. The table is
+    only as wide as the batch needs, so attention reads only the blocks its rows hold.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    block_tables: jax.Array  # int32 [batch, width]
+    lengths: jax.Array  # int32 [batch]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[3]
+
+    @staticmethod
+    def pool_zeros(
+        config: LlamaConfig, num_blocks: int, block_size: int, dtype: str | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """An empty pool (k, v)."""
+        shape = (config.n_layers, config.n_kv_heads, num_blocks, block_size, config.head_dim)
+        dt = jnp.dtype(dtype or config.compute_dtype)
+        return jnp.zeros(shape, dt), jnp.zeros(shape, dt)

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax import cudnn_attention, splash
+from llama_jax import cudnn_attention, paged_attention, splash
 from llama_jax.config import LlamaConfig
-from llama_jax.kv_cache import KVCache
+from llama_jax.kv_cache import KVCache, PagedKVCache
 from llama_jax.partitioning import BATCH, EMBED, HEADS, KV_HEADS, LENGTH, MLP, VOCAB, constrain
 from llama_jax.rope import apply_rotary, rotary_tables
 
@@ -105,11 +105,43 @@ class LayerCache(NamedTuple):
     whole stacked cache several times per layer.
     """
 
-    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
-    v: jax.Array
+    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim], or a paged pool
+    v: jax.Array  # [layers, kv_heads, blocks, block_size, head_dim]
     layer: jax.Array | int
-    rows: jax.Array  # [batch, 1]
-    slots: jax.Array  # [batch, time]
+    rows: jax.Array  # [batch, 1], or with a pool each new token's block [batch, time]
+    slots: jax.Array  # [batch, time]: each new token's slot in its row or block
+    table: jax.Array | None = None  # with a pool: [batch, width] blocks each row reads
+
+    def write_index(self) -> tuple:
+        """Where this call's new tokens [batch, time, kv_heads, head_dim] go in k and v."""
+        if self.table is None:
+            return (self.layer, self.rows, self.slots)
+        # heads-first pool: the heads are indexed too (each new token writes one head_dim row
+        # per head), so the scatter's window is the minor axis and the pool keeps the plain
+        # layout the paged-attention kernel reads; a [kv_heads, head_dim] window made XLA lay
+        # the pool out blocks-first and copy it for the kernel in every layer
+        heads = jnp.arange(self.k.shape[1], dtype=jnp.int32)
+        return (self.layer, heads, self.rows[..., None], self.slots[..., None])
+
+    def keys_values(self) -> tuple[jax.Array, jax.Array]:
+        """This layer's keys and values per row, [batch, keys, kv_heads, head_dim]: the row
+        itself, or the row's blocks gathered from the pool in order."""
+        if self.table is None:
+            return self.k[self.layer], self.v[self.layer]
+        b = self.table.shape[0]
+
+        def gather(x: jax.Array) -> jax.Array:
+            blocks = x[self.layer, :, self.table]  # [batch, width, kv_heads, block_size, hd]
+            return blocks.transpose(0, 1, 3, 2, 4).reshape(b, -1, x.shape[1], x.shape[4])
+
+        return gather(self.k), gather(self.v)
+
+
+class PagedDecode(NamedTuple):
+    """Decode attention over a paged pool through the Pallas kernel (`paged_attention`): each
+    row's one new token attends to its first `lengths[b]` keys. Stands in for the mask."""
+
+    lengths: jax.Array  # int32 [batch]: the row's keys, this call's token included
 
 
 class Documents(NamedTuple):
@@ -133,6 +165,17 @@ def attention_kernel(c: LlamaConfig, time: int) -> str:
         return "splash"
     if cudnn_attention.suits(time, c.head_dim, c.compute_dtype) and cudnn_attention.on_gpu():
         return "cudnn"
+    return "xla"
+
+
+def cached_attention_kernel(c: LlamaConfig, cache: KVCache | PagedKVCache, time: int) -> str:
+    """The kernel attention over a cache uses: "paged" (the Pallas paged-attention kernel) for
+    a paged pool when `c.attention` is "auto", the call decodes one token per row and the
+    traced code runs on TPUs; else "xla" (the row's keys gathered, then `grouped_attention`)."""
+    if c.attention != "auto" or not isinstance(cache, PagedKVCache):
+        return "xla"
+    if paged_attention.suits(time, c.head_dim, c.n_heads, c.n_kv_heads) and splash.on_tpu():
+        return "paged"
     return "xla"
 
 
@@ -174,12 +217,13 @@ class Attention(nnx.Module):
         c: LlamaConfig,
         x: jax.Array,
         rope: tuple[jax.Array, jax.Array],
-        mask: jax.Array | Documents,
+        mask: jax.Array | Documents | PagedDecode,
         cache: LayerCache | None,
     ) -> tuple[jax.Array, LayerCache | None]:
         """`mask` [batch, time, keys] is True where a query may attend; keys are this call's
         tokens, or with a cache the cache's slots after this call's tokens are written.
-        `Documents` instead: no cache, the kernel it names."""
+        `Documents` instead: no cache, the kernel it names. `PagedDecode`: a paged cache read
+        by the Pallas kernel, after this call's tokens are written."""
         dt = x.dtype
         q = dense(x, self.wq[...])
         k = dense(x, self.wk[...])
@@ -187,12 +231,18 @@ class Attention(nnx.Module):
         q = constrain(q, (BATCH, LENGTH, HEADS, None))
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
-            at = (cache.layer, cache.rows, cache.slots)
+            at = cache.write_index()
             cache = cache._replace(
                 k=cache.k.at[at].set(k.astype(cache.k.dtype)),
                 v=cache.v.at[at].set(v.astype(cache.v.dtype)),
             )
-            k, v = cache.k[cache.layer], cache.v[cache.layer]
+            if isinstance(mask, PagedDecode):
+                out = paged_attention.paged_decode_attention(
+                    q, cache.k, cache.v, cache.layer, cache.table, mask.lengths
+                )
+                out = constrain(out, (BATCH, LENGTH, HEADS, None))
+                return dense(out, self.wo[...], contract=2), cache
+            k, v = cache.keys_values()
         if isinstance(mask, Documents):
             # Constrained on both sides, the kernel's layout change (sequence split -> heads
             # split) is one all-to-all each way; unconstrained, the partitioner gathered whole
@@ -268,7 +318,7 @@ def run_layers(
     layers: Layers,
     x: jax.Array,
     rope: tuple[jax.Array, jax.Array],
-    mask: jax.Array | Documents,
+    mask: jax.Array | Documents | PagedDecode,
     cache: LayerCache | None = None,
 ) -> tuple[jax.Array, LayerCache | None]:
     """`x` through every layer: a `scan` over stacked weights (compile time independent of
@@ -363,18 +413,19 @@ def forward(
     tokens: jax.Array,
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
-    cache: KVCache | None = None,
+    cache: KVCache | PagedKVCache | None = None,
     *,
     config: LlamaConfig,
     last_only: bool = False,
     hidden_only: bool = False,
-) -> tuple[jax.Array, KVCache | None]:
+) -> tuple[jax.Array, KVCache | PagedKVCache | None]:
     """Logits float32 [batch, time, vocab] (or [batch, 1, vocab] with `last_only`) and the
     updated cache. Pure: jit it with `config` static.
 
     `params["layers"]` is stacked (as stored) or a sequence of per-layer trees (see
     `run_layers`). `positions` default to 0..T-1 (continuing from the cache's lengths when a
-    cache is given). `segment_ids` separate packed documents; 0 marks right padding.
+    cache is given). `segment_ids` separate packed documents; 0 marks right padding. The cache
+    is a `KVCache` (a row per sequence) or a `PagedKVCache` (blocks of a shared pool).
     `hidden_only` returns the final-normed hidden states [batch, time, dim] in the compute
     dtype instead of logits, for callers that apply the head piecewise (`output_logits`), e.g.
     a chunked training loss.
@@ -396,22 +447,48 @@ def forward(
         x, _ = run_layers(c, params["layers"], x, rope, mask)
         new_cache = None
     else:
-        slots = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
-        mask = jnp.arange(cache.max_len, dtype=jnp.int32)[None, None, :] <= slots[:, :, None]
-        rows = jnp.arange(b, dtype=jnp.int32)[:, None]
-        layer_cache = LayerCache(cache.k, cache.v, 0, rows, slots)
+        at = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)  # the new tokens' indices
+        layer_cache, keys = _layer_cache(cache, at)
+        if cached_attention_kernel(c, cache, t) == "paged":
+            # each row attends to its keys up to and including the new token (the mask below)
+            mask = PagedDecode(jnp.minimum(at[:, 0] + 1, keys))
+        else:
+            mask = jnp.arange(keys, dtype=jnp.int32)[None, None, :] <= at[:, :, None]
         x, layer_cache = run_layers(c, params["layers"], x, rope, mask, layer_cache)
         if segment_ids is None:
             advance = jnp.full((b,), t, jnp.int32)
         else:
             advance = jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
-        new_cache = KVCache(layer_cache.k, layer_cache.v, cache.lengths + advance)
+        new_cache = cache._replace(
+            k=layer_cache.k, v=layer_cache.v, lengths=cache.lengths + advance
+        )
     if last_only:
         x = _last_valid(x, segment_ids)
     x = rms_norm(x, params["norm"], c.norm_eps)
     if hidden_only:
         return x, new_cache
     return output_logits(params, x, config=c), new_cache
+
+
+def _layer_cache(cache: KVCache | PagedKVCache, at: jax.Array) -> tuple[LayerCache, int]:
+    """Where the new tokens at indices `at` [batch, time] go, and how many keys each row reads.
+
+    A row of a contiguous cache is written at `at` directly. In a paged pool (heads-first,
+    [layers, kv_heads, blocks, block_size, head_dim]) token `i` lives in block
+    `block_tables[row, i // block_size]`; indices past a row's table go to the block one
+    past the pool's end, so the write is dropped. Reads clip the table into the pool: entries
+    past a row's blocks are beyond its length, and the mask hides them.
+    """
+    b = at.shape[0]
+    if isinstance(cache, KVCache):
+        rows = jnp.arange(b, dtype=jnp.int32)[:, None]
+        return LayerCache(cache.k, cache.v, 0, rows, at), cache.max_len
+    bs, width = cache.block_size, cache.block_tables.shape[1]
+    index = at // bs
+    held = jnp.take_along_axis(cache.block_tables, jnp.minimum(index, width - 1), axis=1)
+    blocks = jnp.where(index < width, held, cache.num_blocks)
+    table = jnp.minimum(cache.block_tables, cache.num_blocks - 1)
+    return LayerCache(cache.k, cache.v, 0, blocks, at % bs, table), width * bs
 
 
 def output_logits(params: Params, hidden: jax.Array, *, config: LlamaConfig) -> jax.Array:

@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax import model as llama_model
 from llama_jax.config import ATTENTION_KERNELS, DTYPES, REMAT_POLICIES, LlamaConfig, preset
-from llama_jax.kv_cache import KVCache
+from llama_jax.kv_cache import KVCache, PagedKVCache
 from llama_jax.partitioning import placed_shapes
 from sharding import place
 from sharding.mesh import make_mesh
@@ -57,6 +57,14 @@ UNCOSTED_CUSTOM_CALLS = ("ConcatBitcast",)
 # matmuls, whole layers rematerialised; train steps keep fp32 master weights, decode steps
 # read bf16 weights.
 RUN_POLICY = {"compute_dtype": "bfloat16", "remat": "full"}
+# Decode steps' KV cache: one row of `seq` slots per sequence, or a pool of fixed-size blocks
+# (what `infer.engine` serves from) holding the same tokens. 16-token blocks, the engine's
+# default: the block sets the table's width and the granularity of the reads; the pool
+# (heads-first, [layers, kv_heads, blocks, block_size, head_dim]) is tiled over
+# [block_size, head_dim], so its bytes are the same for any multiple of 16 (bf16) that
+# divides `seq`.
+KV_LAYOUTS = ("contiguous", "paged")
+BLOCK_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,8 @@ class Report:
     est_mfu: float | None
     tokens_per_sec_per_chip: float | None
     no_estimate: str | None = None
+    kv: str | None = None  # decode steps: the KV cache layout (`KV_LAYOUTS`)
+    block_size: int | None = None  # a paged cache's tokens per block
 
 
 def topology_devices(topology: str, slices: int = 1) -> list[Any]:
@@ -148,11 +158,40 @@ def compile_train(
     return step.lower(placed_shapes(state, state_sh), placed_shapes(data, data_sh)).compile()
 
 
-def compile_decode(config: LlamaConfig, mesh: jax.sharding.Mesh, rules: str, batch: int, seq: int):
-    """One decode token per sequence against a full `seq`-slot KV cache (donated), bf16 weights."""
+def decode_cache(
+    config: LlamaConfig, batch: int, seq: int, kv: str = "contiguous", block_size: int = BLOCK_SIZE
+) -> KVCache | PagedKVCache:
+    """The abstract cache of a decode step: `batch` rows of `seq` slots, or a pool of the same
+    `batch * seq` tokens in `block_size`-token blocks with a [batch, seq / block_size] table."""
+    if kv == "contiguous":
+        return KVCache.abstract(config, batch, seq)
+    if seq % block_size:
+        raise SystemExit(f"--seq {seq} is not a multiple of --block-size {block_size}")
+    width = seq // block_size
+
+    def paged() -> PagedKVCache:
+        k, v = PagedKVCache.pool_zeros(config, batch * width, block_size)
+        tables = jnp.arange(batch * width, dtype=jnp.int32).reshape(batch, width)
+        return PagedKVCache(k, v, tables, jnp.zeros((batch,), jnp.int32))
+
+    return jax.eval_shape(paged)
+
+
+def compile_decode(
+    config: LlamaConfig,
+    mesh: jax.sharding.Mesh,
+    rules: str,
+    batch: int,
+    seq: int,
+    *,
+    kv: str = "contiguous",
+    block_size: int = BLOCK_SIZE,
+):
+    """One decode token per sequence against a full cache of `seq` tokens per sequence (donated;
+    `decode_cache`), bf16 weights."""
     params = llama_model.param_shapes(config)
     params_sh = place.tree_shardings(params, config, mesh, rules)
-    cache = KVCache.abstract(config, batch, seq)
+    cache = decode_cache(config, batch, seq, kv, block_size)
     cache_sh = place.cache_shardings(cache, mesh, rules)
     tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
     tokens_sh = place.batch_shardings({"tokens": tokens}, mesh, rules)["tokens"]
@@ -250,6 +289,8 @@ def run(
     seq: int = 4096,
     slices: int = 1,
     loss_chunks: int = LOSS_CHUNKS,
+    kv: str = "contiguous",
+    block_size: int = BLOCK_SIZE,
     overrides: dict[str, Any] | None = None,
 ) -> Report:
     rules = rules or ("fsdp" if step == "train" else "infer_tp")
@@ -262,7 +303,7 @@ def run(
     if step == "train":
         compile_fn = partial(compile_train, loss_chunks=loss_chunks)
     else:
-        compile_fn = compile_decode
+        compile_fn = partial(compile_decode, kv=kv, block_size=block_size)
     compiled = compile_fn(config, mesh, rules, batch, seq)
     memory = compiled.memory_analysis()
     compiler_flops, seconds = layer_costs(compile_fn, config, mesh, rules, batch, seq)
@@ -301,16 +342,19 @@ def run(
         else "libtpu's cost analysis gives multi-slice (DCN) programs no step time"
         if slices > 1
         else "libtpu's cost analysis left work it cannot cost (a negative step time)",
+        kv=kv if step == "decode" else None,
+        block_size=block_size if step == "decode" and kv == "paged" else None,
     )
 
 
 def format_report(r: Report) -> str:
     gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
     mesh = ",".join(f"{a}={s}" for a, s in r.mesh.items())
+    paged = f", paged KV cache ({r.block_size}-token blocks)" if r.kv == "paged" else ""
     return "\n".join(
         [
             f"{r.preset} {r.step} step on {r.topology} ({r.chips} chips), mesh {mesh}, "
-            f"rules {r.rules}, batch {r.batch} x seq {r.seq}",
+            f"rules {r.rules}, batch {r.batch} x seq {r.seq}{paged}",
             f"  per chip: arguments {gb(r.argument_bytes)} + temporaries {gb(r.temp_bytes)} "
             f"+ unaliased outputs {gb(r.output_bytes - r.alias_bytes)} = {gb(r.per_chip_bytes)} "
             f"of {gb(r.hbm_bytes)} HBM: {'fits' if r.fits else 'DOES NOT FIT'}",
@@ -349,6 +393,15 @@ def main(argv: list[str] | None = None) -> None:
         default=LOSS_CHUNKS,
         help="sequence slices the output head and loss run over (default %(default)s)",
     )
+    p.add_argument(
+        "--kv", choices=KV_LAYOUTS, default="contiguous", help="decode steps' KV cache layout"
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=BLOCK_SIZE,
+        help="tokens per block of a paged KV cache (default %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     fields = ("remat", "compute_dtype", "attention")
@@ -363,6 +416,8 @@ def main(argv: list[str] | None = None) -> None:
         seq=args.seq,
         slices=args.slices,
         loss_chunks=args.loss_chunks,
+        kv=args.kv,
+        block_size=args.block_size,
         overrides=overrides,
     )
     print(json.dumps(asdict(report)) if args.json else format_report(report))

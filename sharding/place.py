@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax import model as llama_model
 from llama_jax.config import LlamaConfig
-from llama_jax.kv_cache import CACHE_AXES, KVCache
+from llama_jax.kv_cache import CACHE_AXES, PAGED_AXES, KVCache, PagedKVCache
 from llama_jax.partitioning import BATCH_AXES
 from sharding.rules import Mesh, Rules, logical_to_sharding, param_specs, path_str
 
@@ -76,12 +76,23 @@ def place_batch(batch: Mapping[str, Any], mesh: Mesh, rules: str | Rules) -> dic
     return jax.device_put(dict(batch), batch_shardings(batch, mesh, rules))
 
 
-def cache_shardings(cache: KVCache, mesh: Mesh, rules: str | Rules) -> KVCache:
-    """Shardings for a `KVCache` (or its `KVCache.abstract`)."""
-    kv = logical_to_sharding(CACHE_AXES, mesh, rules, cache.k.shape, "KV cache")
-    lengths = logical_to_sharding(CACHE_AXES[1:2], mesh, rules, cache.lengths.shape, "KV lengths")
-    return KVCache(kv, kv, lengths)
+def cache_shardings(
+    cache: KVCache | PagedKVCache, mesh: Mesh, rules: str | Rules
+) -> KVCache | PagedKVCache:
+    """Shardings for a `KVCache` or `PagedKVCache` (or their abstract shapes): the pool by
+    `PAGED_AXES`; block tables and lengths split over rows like a contiguous cache's rows."""
+    rows = CACHE_AXES[1:2]
+    lengths = logical_to_sharding(rows, mesh, rules, cache.lengths.shape, "KV lengths")
+    if isinstance(cache, KVCache):
+        kv = logical_to_sharding(CACHE_AXES, mesh, rules, cache.k.shape, "KV cache")
+        return KVCache(kv, kv, lengths)
+    pool = logical_to_sharding(PAGED_AXES, mesh, rules, cache.k.shape, "KV pool")
+    shape = cache.block_tables.shape
+    tables = logical_to_sharding((*rows, None), mesh, rules, shape, "block tables")
+    return PagedKVCache(pool, pool, tables, lengths)
 
 
-def place_cache(cache: KVCache, mesh: Mesh, rules: str | Rules) -> KVCache:
+def place_cache(
+    cache: KVCache | PagedKVCache, mesh: Mesh, rules: str | Rules
+) -> KVCache | PagedKVCache:
     return jax.device_put(cache, cache_shardings(cache, mesh, rules))

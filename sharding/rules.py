@@ -74,6 +74,10 @@ TABLE: dict[str, tuple[tuple[str, ...], ...]] = {
     "cache_sequence":       (R,    R,       R,   R),
     "cache_kv_heads":       (R,    T,       R,   T),
     "cache_head_dim":       (R,    R,       R,   R),
+    # paged KV pool [layers, kv_heads, blocks, block_size, head_dim]: any block may serve any
+    # sequence, so blocks stay whole on every device; the heads split as above
+    "cache_blocks":         (R,    R,       R,   R),
+    "cache_block":          (R,    R,       R,   R),
 }
 # fmt: on
 PRESETS: dict[str, dict[str, tuple[str, ...]]] = {

@@ -1,5 +1,5 @@
-"""`python -m sharding.aot` compiles tiny train and decode steps for v5p:2x2x1 and v5e:2x2
-topologies on this CPU machine (skipped without `libtpu`). The compiles run in a subprocess:
+"""`python -m sharding.aot` compiles tiny train and decode steps (contiguous and paged KV
+caches) for v5p:2x2x1, v5e:2x2 and v5e:1x2 topologies on this CPU machine (skipped without `libtpu`). The compiles run in a subprocess:
 libtpu keeps process-wide state, and the test session's JAX must stay a plain 8-CPU-device one."""
 
 from __future__ import annotations
@@ -65,14 +65,25 @@ SCRIPT = textwrap.dedent("""
     print(json.dumps({f"{k}_{f}": v for k, c in (("sliced", sliced), ("unsliced", unsliced))
                       for f, v in (("seconds", aot.compiled_seconds(c)),
                                    ("concat_bitcasts", c.as_text().count("ConcatBitcast")))}))
+    for kv in ("contiguous", "paged"):
+        aot.main(["--preset", "tiny", "--topology", "v5e:1x2", "--step", "decode", "--batch", "8",
+                  "--seq", "512", "--compute-dtype", "float32", "--kv", kv, "--json"])
+    # head_dim 128: "auto" decodes over the paged pool with the Pallas paged-attention kernel
+    wide_kv = preset("tiny", dim=256, n_heads=4, n_kv_heads=2, head_dim=128)
+    mesh = make_mesh("tensor=-1", aot.topology_devices("v5e:1x2"))
+    for attention in ("auto", "xla"):
+        text = aot.compile_decode(wide_kv.replace(attention=attention), mesh, "infer_tp", 4, 512,
+                                  kv="paged", block_size=16).as_text()
+        print(json.dumps({"tpu_custom_call": 'custom_call_target="tpu_custom_call"' in text,
+                          "paged_attention": "paged_attention" in text}))
 """)
 
 
 @pytest.fixture(scope="module")
 def runs() -> list[dict]:
     """Multi-slice train report, train report, decode report, extrapolation ratios, splash and
-    plain attention memory, a v5e train report, v5e sliced-prefetch estimates: one process, one
-    libtpu start-up (the multi-slice topology must come first: libtpu keeps state)."""
+    plain attention memory, a v5e train report, v5e sliced-prefetch estimates, contiguous and
+    paged decode reports on v5e:1x2, paged decode with and without the kernel: one process, one libtpu start-up (the multi-slice topology must come first: libtpu keeps state)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)
     done = subprocess.run(
@@ -84,7 +95,7 @@ def runs() -> list[dict]:
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in done.stdout.strip().splitlines()[-8:]]
+    return [json.loads(line) for line in done.stdout.strip().splitlines()[-12:]]
 
 
 def test_train_step_compiles_for_v5p_with_fsdp_memory(runs):
@@ -113,6 +124,23 @@ def test_decode_step_compiles_with_a_tensor_parallel_cache(runs):
     cache = 2 * c.n_layers * 8 * 512 * c.n_kv_heads * c.head_dim * 4  # k and v, float32
     assert r["argument_bytes"] >= cache // 4 + 2 * c.param_count() // 4
     assert r["fits"] and r["est_step_seconds"] > 0
+    assert (r["kv"], r["block_size"]) == ("contiguous", None)  # the default layout
+
+
+def test_paged_decode_cache_holds_the_contiguous_cache_bytes(runs):
+    """`--kv paged`: a pool of 8 x 512 tokens in 16-token blocks, heads split over tensor=2 like
+    the contiguous cache's, costs what the contiguous cache does per chip, plus its block table
+    (int32 [8, 32], padded to one [8, 128] tile); both are donated and updated in place."""
+    contiguous, paged = runs[8], runs[9]
+    assert (contiguous["kv"], paged["kv"], paged["block_size"]) == ("contiguous", "paged", 16)
+    assert paged["mesh"] == contiguous["mesh"] == {"tensor": 2}
+    c = preset("tiny")
+    cache = 2 * c.n_layers * 8 * 512 * c.n_kv_heads * c.head_dim * 4 // 2  # k and v, per chip
+    table = 8 * (512 // 16) * 4
+    assert contiguous["alias_bytes"] >= cache and paged["alias_bytes"] >= cache
+    extra = paged["argument_bytes"] - contiguous["argument_bytes"]
+    assert table <= extra <= 8 * 128 * 4
+    assert paged["fits"] and paged["est_step_seconds"] > 0
 
 
 def test_layer_cost_extrapolation_matches_an_unrolled_compile(runs):
@@ -160,3 +188,11 @@ def test_sliced_prefetch_placeholders_are_taken_out_of_the_estimate(runs):
     c = runs[7]
     assert c["sliced_concat_bitcasts"] > 0 and c["unsliced_concat_bitcasts"] == 0
     assert c["sliced_seconds"] == pytest.approx(c["unsliced_seconds"], rel=0.2)
+
+
+def test_auto_attention_decodes_a_paged_pool_with_the_pallas_kernel(runs):
+    """head_dim 128, one token per row: the compiled decode step holds the paged-attention
+    kernel's custom call; `attention="xla"` keeps the gather."""
+    kernel, gather = runs[10], runs[11]
+    assert kernel == {"tpu_custom_call": True, "paged_attention": True}
+    assert not gather["tpu_custom_call"] and not gather["paged_attention"]

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from benchmarks import run
+from benchmarks import run, serve
 from benchmarks.report import table
 from benchmarks.workload import ROWS
 
@@ -72,3 +72,49 @@ def test_table_shows_the_first_start_beside_the_cached_one(report):
     text = table({**report, "rows": [row]})
     assert "| 0.50 (7.25) / " in text and "| 800 (1,000) / " in text
     assert "in brackets, that first start" in text
+
+
+@pytest.mark.slow
+def test_serve_quick_end_to_end(tmp_path):
+    """`benchmarks.serve --quick` over HTTP: every configuration reports its figures, and the
+    scheduler's counts show what each comparison is about. No timing is compared."""
+    out = tmp_path / "serve.json"
+    serve.main(["--quick", "--out", str(out)])
+    report = json.loads(out.read_text())
+    scale = serve.QUICK
+    assert report["meta"]["quick"] and report["meta"]["scale"]["context"] == scale.context
+    runs = {(e, c): report[e][c] for e in serve.EXPERIMENTS for c in report[e]}
+    assert set(runs) == {
+        ("capacity", "paged"), ("capacity", "paged_same_slots"), ("capacity", "contiguous"),
+        ("prefix", "on"), ("prefix", "off"),
+        ("chunking", "chunked"), ("chunking", "unchunked"),
+    }  # fmt: skip
+    vocab = report["meta"]["config"]["vocab_size"]
+    wanted = sum(c.max_tokens for c in serve.capacity_trace(scale, serve.Tokens(vocab, 0)))
+    for r in runs.values():
+        assert r["errors"] == []
+        assert r["output_tokens"] > 0 and r["output_tokens_per_s"] > 0 and r["requests_per_s"] > 0
+        assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] and 0 <= r["itl_p50_s"] <= r["itl_p99_s"]
+        assert 1 <= r["max_concurrent"] <= r["setup"]["slots"]
+        assert 0 < r["peak_kv_bytes"] <= r["pool_kv_bytes"]
+        assert r["peak_kv_bytes"] == r["peak_kv_blocks"] * r["kv_bytes_per_block"]
+
+    paged, contiguous = runs["capacity", "paged"], runs["capacity", "contiguous"]
+    assert paged["pool_kv_bytes"] == contiguous["pool_kv_bytes"]  # the same KV budget
+    for r in (paged, runs["capacity", "paged_same_slots"], contiguous):
+        assert r["output_tokens"] == wanted
+    assert paged["max_concurrent"] >= contiguous["max_concurrent"]
+    assert contiguous["max_concurrent"] <= scale.pool_contexts
+
+    on, off = runs["prefix", "on"], runs["prefix", "off"]
+    assert on["cached_tokens"] > 0 and off["cached_tokens"] == 0
+    assert on["prefilled_tokens"] < off["prefilled_tokens"]
+    assert 0 < on["repeat_cached_tokens"] <= scale.repeat_prefix
+    assert off["repeat_cached_tokens"] == 0
+
+    chunked, unchunked = runs["chunking", "chunked"], runs["chunking", "unchunked"]
+    assert chunked["prefill_budget"] < scale.long_len <= unchunked["prefill_budget"]
+    for r in (chunked, unchunked):
+        assert r["by_tag"]["stream"]["itl_p99_s"] is not None
+        assert r["by_tag"]["long"]["ttft_p50_s"] is not None
+    assert "| capacity | paged |" in serve.table(report)

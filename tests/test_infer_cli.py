@@ -34,6 +34,25 @@ def test_stories260k_reproduces_its_known_output(stories):
     assert set(result["timings"]) >= {"time_to_first_token_s", "decode_tokens_per_s"}
 
 
+def test_kv_cache_layouts_give_the_same_greedy_tokens(stories, capsys, tmp_path):
+    """The KV flags change where the cache lives, never what greedy decoding produces: the
+    contiguous layout, and small blocks in a pool too small for all three at once (so some
+    are preempted and recomputed) without the prefix cache."""
+    rows = [{"prompt_ids": [1]}, {"prompt_ids": [1, 403, 407]}, {"prompt_ids": [1, 88, 9]}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--checkpoint", stories / "hf", "--file", path, "--max-new-tokens", 12, "--json",
+              "--max-seq-len", 64]  # fmt: skip
+    outputs = []
+    for flags in ([], ["--kv-layout", "contiguous"],
+                  ["--block-size", 4, "--kv-blocks", 8, "--no-prefix-cache"]):  # fmt: skip
+        code, out, err = run(capsys, *common, *flags)
+        assert code == 0, err
+        outputs.append([json.loads(line)["generated_ids"] for line in out.splitlines()])
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
+    assert all(len(ids) == 12 for ids in outputs[0])
+
+
 def run(capsys, *args):
     code = main([str(a) for a in args])
     out = capsys.readouterr()
@@ -72,6 +91,8 @@ def test_file_batch_mode_matches_single_prompts(stories, capsys, tmp_path):
         (["--prompt-ids", "1", "--top-k", "many"], "argument --top-k: invalid int value"),
         (["--chat"], "--chat needs a tokenizer"),
         (["--prompt-ids", "1", "--stop", "The"], "stop strings need a tokenizer"),
+        (["--prompt-ids", "1", "--kv-layout", "contiguous", "--kv-blocks", "4"], "--kv-layout contiguous sets the block size and the pool itself"),
+        (["--prompt-ids", "1", "--kv-layout", "ring"], "argument --kv-layout: invalid choice"),
     ],
 )  # fmt: skip
 def test_errors_are_one_line(stories, capsys, args, message):

@@ -1,25 +1,36 @@
-"""Sampler unit tests on hand-made logits: exact kept sets, greedy equivalences, seeding."""
+"""Sampler unit tests on hand-made logits: exact kept sets, greedy equivalences, seeding,
+penalties and logit_bias against numpy references."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infer.sampling import SamplingError, SamplingParams, SlotParams, filter_logits, sample
+from infer.sampling import (
+    MAX_LOGIT_BIAS,
+    SamplingError,
+    SamplingParams,
+    SlotParams,
+    TokenHistory,
+    edit_logits,
+    filter_logits,
+    sample,
+)
 
 
 def slot_params(rows: int, **values) -> SlotParams:
-    defaults = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0)
-    defaults.update(values)
-    return SlotParams(
-        *(
-            jnp.broadcast_to(jnp.asarray(defaults[name], dtype), (rows,))
-            for name, dtype in zip(
-                SlotParams._fields,
-                (jnp.float32, jnp.int32, jnp.float32, jnp.float32, jnp.uint32),
-                strict=True,
-            )
-        )
+    """`rows` slots sampling at temperature 1 with seed 0, no filter, penalty or bias, with
+    `values` ([rows] or scalar) overriding per-slot fields."""
+    base = SlotParams.host([(SamplingParams(), 0)] * rows)
+    settings = {"temperature": 1.0, **values}
+    return jax.tree.map(
+        jnp.asarray,
+        base._replace(
+            **{
+                name: np.broadcast_to(np.asarray(v, getattr(base, name).dtype), (rows,))
+                for name, v in settings.items()
+            }
+        ),
     )
 
 
@@ -185,9 +196,139 @@ def test_logprobs_are_the_models_and_top_is_sorted():
 @pytest.mark.parametrize(
     ("field", "value"),
     [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("min_p", 2.0), ("top_k", -1),
-     ("max_new_tokens", 0), ("seed", -1), ("top_logprobs", 21)],
+     ("max_new_tokens", 0), ("seed", -1), ("top_logprobs", 21), ("presence_penalty", 2.5),
+     ("presence_penalty", -2.01), ("frequency_penalty", -3), ("frequency_penalty", 2.1),
+     ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
+     ("repetition_penalty", float("inf"))],
 )  # fmt: skip
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(SamplingError, match=f"^{field} must be") as e:
         SamplingParams(**{field: value})
     assert e.value.field == field
+
+
+# --- penalties and logit_bias --------------------------------------------------------------
+
+_edit = jax.jit(edit_logits)
+_add = jax.jit(TokenHistory.add)
+EDIT_VOCAB = 12
+
+
+def edit_case():
+    """Four slots over a 12-token vocabulary with prompts and generated tokens: slot 0 uses
+    nothing, 1 only the repetition penalty, 2 frequency and presence, 3 everything."""
+    settings = [
+        SamplingParams(),
+        SamplingParams(repetition_penalty=1.5),
+        SamplingParams(frequency_penalty=0.7, presence_penalty=0.3),
+        SamplingParams(repetition_penalty=1.3, frequency_penalty=-0.5, presence_penalty=1.0,
+                       logit_bias={7: -100.0, 2: 5.0}),
+    ]  # fmt: skip
+    prompts = [[1, 2, 3], [4, 4, 5, 9], [0, 6], [2, 3, 8, 10]]
+    generated = [[3, 3, 11], [5, 6, 6], [6, 6, 6], [8, 1, 8]]  # one column per decode step
+    logits = np.asarray(jax.random.normal(jax.random.key(3), (4, EDIT_VOCAB))) * 2
+    return settings, prompts, generated, logits.astype(np.float32)
+
+
+def history_of(prompts, generated) -> TokenHistory:
+    width = max(map(len, prompts))
+    tokens = np.zeros((len(prompts), width), np.int32)
+    for row, ids in enumerate(prompts):
+        tokens[row, : len(ids)] = ids
+    lengths = jnp.asarray([len(x) for x in prompts], jnp.int32)
+    history = TokenHistory.of_prompts(jnp.asarray(tokens), lengths, EDIT_VOCAB)
+    active = jnp.ones(len(prompts), bool)
+    for step in zip(*generated, strict=True):
+        history = _add(history, jnp.asarray(step, jnp.int32), active)
+    return history
+
+
+def reference_edit(logits, settings, prompts, generated) -> np.ndarray:
+    """vLLM's edits, row by row over Python sets and counts."""
+    out = logits.copy()
+    for row, p in enumerate(settings):
+        x = out[row]
+        counts = np.bincount(generated[row], minlength=EDIT_VOCAB)
+        for t in set(prompts[row]) | set(generated[row]):
+            r = p.repetition_penalty
+            x[t] = x[t] / r if x[t] > 0 else x[t] * r
+        x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        for t, bias in p.logit_bias:
+            x[t] += bias
+    return out
+
+
+def test_edit_logits_matches_the_reference():
+    settings, prompts, generated, logits = edit_case()
+    # Both signs of a seen logit meet the repetition penalty in slots 1 and 3.
+    seen_signs = {np.sign(logits[row, t]) for row in (1, 3) for t in prompts[row]}
+    assert seen_signs == {-1.0, 1.0}
+    p = jax.tree.map(jnp.asarray, SlotParams.host([(s, 0) for s in settings]))
+    history = history_of(prompts, generated)
+    got = np.asarray(_edit(jnp.asarray(logits), p, history))
+    np.testing.assert_allclose(got, reference_edit(logits, settings, prompts, generated),
+                               rtol=1e-6, atol=1e-6)  # fmt: skip
+    np.testing.assert_array_equal(got[0], logits[0])  # slot 0 uses nothing
+    # No slot using anything: every edit is skipped and the logits come back as they were.
+    plain = slot_params(4)
+    np.testing.assert_array_equal(np.asarray(_edit(jnp.asarray(logits), plain, history)), logits)
+
+
+def test_history_counts_generated_tokens_of_active_slots_only():
+    history = TokenHistory.zeros(3, EDIT_VOCAB)
+    steps = [([1, 2, 3], [True, True, False]), ([1, 5, 3], [True, False, True])]
+    for tokens, active in steps:
+        history = _add(history, jnp.asarray(tokens, jnp.int32), jnp.asarray(active))
+    expected = np.zeros((3, EDIT_VOCAB), np.int32)
+    expected[0, 1], expected[1, 2], expected[2, 3] = 2, 1, 1
+    np.testing.assert_array_equal(np.asarray(history.counts), expected)
+    assert not np.asarray(history.prompt).any()
+    # of_prompts marks only the first `length` tokens (the rest is padding), counting nothing.
+    prompt = TokenHistory.of_prompts(jnp.asarray([[4, 4, 9], [7, 0, 0]]), jnp.asarray([3, 1]),
+                                     EDIT_VOCAB)  # fmt: skip
+    assert [set(np.flatnonzero(r).tolist()) for r in np.asarray(prompt.prompt)] == [{4, 9}, {7}]
+    assert not np.asarray(prompt.counts).any()
+
+
+def test_logit_bias_minus_100_bans_a_token_under_greedy():
+    logits = np.zeros((2, EDIT_VOCAB), np.float32)
+    logits[:, 7], logits[:, 4] = 10.0, 9.0
+    rows = [(SamplingParams(logit_bias={7: -100}), 0), (SamplingParams(), 0)]
+    p = jax.tree.map(jnp.asarray, SlotParams.host(rows))
+    edited = _edit(jnp.asarray(logits), p, TokenHistory.zeros(2, EDIT_VOCAB))
+    greedy = p._replace(temperature=jnp.zeros(2, jnp.float32))
+    tokens = np.asarray(sample(edited, greedy, jnp.zeros(2, jnp.int32), None).tokens)
+    assert tokens.tolist() == [4, 7]
+
+
+def test_logit_bias_is_stored_sorted_and_hashable():
+    p = SamplingParams(logit_bias={9: 1, 3: -2.5})
+    assert p.logit_bias == ((3, -2.5), (9, 1.0))
+    assert hash(p) == hash(SamplingParams(logit_bias=((9, 1.0), (3, -2.5))))
+    host = SlotParams.host([(p, 0)])
+    assert host.bias_ids.shape == host.bias_values.shape == (1, MAX_LOGIT_BIAS)
+    assert host.bias_ids[0, :3].tolist() == [3, 9, -1]
+    assert host.bias_values[0, :3].tolist() == [-2.5, 1.0, 0.0]
+    p.check_vocab(10)
+    with pytest.raises(SamplingError, match="token id 9 is out of range") as e:
+        p.check_vocab(9)
+    assert e.value.field == "logit_bias"
+
+
+@pytest.mark.parametrize(
+    ("bias", "message"),
+    [
+        ({1: 100.5}, "values must be numbers in"),
+        ({1: float("nan")}, "values must be numbers in"),
+        ({-1: 1.0}, "token ids must be integers >= 0"),
+        ({"5": 1.0}, "token ids must be integers >= 0"),
+        ({True: 1.0}, "token ids must be integers >= 0"),
+        ({i: 1.0 for i in range(MAX_LOGIT_BIAS + 1)}, "at most 300 entries"),
+        (((1, 1.0), (1, 2.0)), "more than once"),
+        ([1, 2], "must map token ids to numbers"),
+    ],
+)
+def test_bad_logit_bias_names_the_field(bias, message):
+    with pytest.raises(SamplingError, match=message) as e:
+        SamplingParams(logit_bias=bias)
+    assert e.value.field == "logit_bias"

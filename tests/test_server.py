@@ -164,7 +164,13 @@ def test_chat_plain_and_streaming(client):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == CALL
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
-    assert chunks[-1].usage.model_dump() == reply.usage.model_dump()
+    streamed = chunks[-1].usage
+    assert streamed.model_dump(exclude={"prompt_tokens_details"}) == reply.usage.model_dump(
+        exclude={"prompt_tokens_details"}
+    )
+    # The second time, the prefix cache serves the prompt's full blocks but the last token's.
+    cached = streamed.prompt_tokens_details.cached_tokens
+    assert reply.usage.prompt_tokens - 16 <= cached < reply.usage.prompt_tokens
 
 
 def test_tool_call_plain_and_streaming(client):
@@ -242,6 +248,20 @@ def test_bad_requests_get_4xx_json_and_server_stays_up(base_url):
         (json.dumps({"prompt": [5] * 600}), 400, "prompt has 600 tokens"),
         (json.dumps({"prompt": "hi", "model": "gpt-4"}), 404, "not found"),
         (json.dumps({"prompt": "x" * 70000}), 413, "at most 65536 bytes"),
+        (json.dumps({"prompt": "hi", "presence_penalty": 2.5}), 400, "presence_penalty"),
+        (json.dumps({"prompt": "hi", "frequency_penalty": -3}), 400, "frequency_penalty"),
+        (json.dumps({"prompt": "hi", "repetition_penalty": 0}), 400, "repetition_penalty"),
+        (json.dumps({"prompt": "hi", "logit_bias": {"abc": 1}}), 400, "logit_bias"),
+        (json.dumps({"prompt": "hi", "logit_bias": {"5": 150}}), 400, "logit_bias"),
+        (json.dumps({"prompt": "hi", "logit_bias": {"5": "x"}}), 400, "logit_bias"),
+        (json.dumps({"prompt": "hi", "logit_bias": {"200000": 1}}), 400, "logit_bias"),
+        (
+            json.dumps({"prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}}),
+            400,
+            "logit_bias",
+        ),
+        (json.dumps({"prompt": "hi", "n": 17}), 400, "n: Input should be less than or equal"),
+        (json.dumps({"prompt": "hi", "n": 0}), 400, "n: Input should be greater than or equal"),
     ]
     headers = {"content-type": "application/json"}
     for body, status, message in cases:
@@ -260,6 +280,58 @@ def test_bad_requests_get_4xx_json_and_server_stays_up(base_url):
     r = httpx.post(f"{base_url}/v1/chat/completions", json={"messages": "hi"}, timeout=30)
     assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
     assert httpx.get(f"{base_url}/health").json()["status"] == "ok"
+
+
+def test_penalties_and_logit_bias_are_accepted(client):
+    extra = {"repetition_penalty": 1.1}
+    reply = client.completions.create(
+        model=NAME, prompt=[7, 8, 9], max_tokens=2, temperature=0, presence_penalty=0.5,
+        frequency_penalty=-0.5, logit_bias={"5": 10, "6": -100}, extra_body=extra,
+    )  # fmt: skip
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_n_seeded_choices_repeat_differ_and_are_numbered_per_prompt(client, base_url):
+    def texts(prompt, n, **kw):
+        reply = client.completions.create(
+            model=NAME, prompt=prompt, max_tokens=4, temperature=1.0, seed=11, n=n,
+            extra_body={"stop_token_ids": []}, **kw,
+        )  # fmt: skip
+        assert [c.index for c in reply.choices] == list(range(len(reply.choices)))
+        return [c.text for c in reply.choices], reply.usage
+
+    four, use = texts([7, 8, 9], 4)
+    assert len(four) == 4 and len(set(four)) > 1  # each choice draws with its own seed
+    assert texts([7, 8, 9], 4)[0] == four  # and the seeds are derived from `seed`
+    assert texts([7, 8, 9], 1)[0] == four[:1]  # choice 0 keeps the seed itself
+    assert (use.prompt_tokens, use.completion_tokens) == (3, 16)  # the prompt counts once
+    # Two prompts, two choices each: index = prompt index * n + choice.
+    two, use = texts([[7, 8, 9], [20, 21]], 2)
+    assert two[:2] == four[:2] and two[2:] == texts([20, 21], 2)[0]
+    assert (use.prompt_tokens, use.completion_tokens) == (5, 16)
+    streamed = ["", "", "", ""]
+    body = {"model": NAME, "prompt": [[7, 8, 9], [20, 21]], "max_tokens": 4, "seed": 11,
+            "temperature": 1.0, "n": 2, "stop_token_ids": [], "stream": True}  # fmt: skip
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                (choice,) = json.loads(line[6:])["choices"]
+                streamed[choice["index"]] += choice["text"]
+    assert streamed == two
+
+
+def test_chat_n_choices_plain_and_streaming(client):
+    one, two = chat(client), chat(client, n=2)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert [c.message.content for c in two.choices] == [CALL, CALL]
+    assert two.usage.prompt_tokens == one.usage.prompt_tokens
+    assert two.usage.completion_tokens == 2 * one.usage.completion_tokens
+    texts, finishes = ["", ""], [None, None]
+    for c in chat(client, stream=True, n=2):
+        (choice,) = c.choices
+        texts[choice.index] += choice.delta.content or ""
+        finishes[choice.index] = finishes[choice.index] or choice.finish_reason
+    assert texts == [CALL, CALL] and finishes == ["stop", "stop"]
 
 
 def test_client_disconnect_frees_its_slot(base_url):

@@ -14,7 +14,7 @@ import pytest
 from llama_jax import model as llama_model
 from llama_jax import splash
 from llama_jax.config import preset
-from llama_jax.kv_cache import CACHE_AXES, KVCache
+from llama_jax.kv_cache import CACHE_AXES, KVCache, PagedKVCache
 from llama_jax.partitioning import BATCH_AXES
 from sharding import place
 from sharding.mesh import MeshSpec, ShardingError, make_mesh
@@ -258,6 +258,19 @@ def test_decode_with_a_sharded_cache_matches_one_device():
     assert spec == jax.sharding.PartitionSpec(None, "data", None, "tensor")
     _close(actual, expected)
     np.testing.assert_array_equal(actual[1].lengths, filled.lengths + 1)
+
+
+def test_paged_cache_splits_heads_and_rows_like_the_contiguous_cache():
+    """`cache_shardings` of a `PagedKVCache` (what `sharding.aot --kv paged` compiles): the pool's
+    kv heads over tensor, its blocks whole; block tables and lengths over data by row."""
+    mesh = make_mesh("data=2,tensor=2", jax.devices()[:4])
+    k, v = jax.eval_shape(lambda: PagedKVCache.pool_zeros(GQA, 64, 16))
+    rows = [jax.ShapeDtypeStruct(s, jnp.int32) for s in ((4, 16), (4,))]
+    shardings = place.cache_shardings(PagedKVCache(k, v, *rows), mesh, "infer_tp")
+    assert isinstance(shardings, PagedKVCache)
+    P = jax.sharding.PartitionSpec
+    assert shardings.k.spec == shardings.v.spec == P(None, "tensor")  # heads-first per layer
+    assert shardings.block_tables.spec == shardings.lengths.spec == P("data")
 
 
 def _is_names(x):
