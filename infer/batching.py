@@ -37,7 +37,7 @@ import jax
 import numpy as np
 
 from infer.blocks import BlockAllocator
-from infer.engine import Chunk, Engine, EngineError
+from infer.engine import Chunk, Engine, EngineError, bucket
 from infer.grammar import Constraint, allow_all, compile_response_format
 from infer.sampling import Sampled, SamplingParams
 from infer.text import TextStream
@@ -466,8 +466,7 @@ class Scheduler:
             r.blocks if (r := self._running.get(s)) is not None and not r.prefilling else []
             for s in self._rows
         ]
-        width = max([1, *(len(b) for b in rows)])
-        width = min(1 << (width - 1).bit_length(), self.engine.blocks_per_seq)
+        width = bucket(max(map(len, rows)), 1, self.engine.blocks_per_seq)
         return self.engine.table(rows, width)
 
     def _masks(self, owners: Sequence[Request | None]) -> np.ndarray:

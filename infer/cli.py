@@ -490,7 +490,7 @@ def serve(model: Model, args: argparse.Namespace, group: lockstep.Group | None =
     context = context_len(model, args, resident=True)
     scheduler = make_scheduler(model, args, context, args.max_batch, args.max_waiting)
     if group is not None:
-        if not group.leader:
+        if not group.serving:
             print(f"process {group.rank}: following process 0", file=sys.stderr, flush=True)
             return lockstep.follow(group, scheduler.engine)
         scheduler.engine = lockstep.LockstepEngine(group, scheduler.engine)

@@ -89,19 +89,14 @@ class Chunk:
 
 def _record(history: TokenHistory, slots, tokens, positions, real, generated_from):
     """The history rows of a prefill batch after its chunks: each row's slot's history (afresh
-    for a chunk at position 0) with the chunk's prompt tokens marked seen and its generated
-    ones (a sequence recomputed after preemption) counted. Padding rows read a clipped slot
-    and are never written back."""
-    vocab = history.counts.shape[1]
+    for a chunk at position 0) with the chunk recorded (`TokenHistory.record`). Padding rows
+    read a clipped slot and are never written back."""
     at = jnp.minimum(slots, history.counts.shape[0] - 1)
     fresh = positions[:, :1] == 0
-    counts = jnp.where(fresh, 0, history.counts[at])
-    prompt = jnp.where(fresh, False, history.prompt[at])
-    generated = positions >= generated_from[:, None]
-    rows = jnp.arange(tokens.shape[0])[:, None]
-    prompt = prompt.at[rows, jnp.where(real & ~generated, tokens, vocab)].set(True, mode="drop")
-    counts = counts.at[rows, jnp.where(real & generated, tokens, vocab)].add(1, mode="drop")
-    return TokenHistory(counts, prompt)
+    rows = TokenHistory(
+        jnp.where(fresh, 0, history.counts[at]), jnp.where(fresh, False, history.prompt[at])
+    )
+    return rows.record(tokens, real, positions >= generated_from[:, None])
 
 
 def _prefill(params, state, tokens, tables, starts, lengths, slots, generated_from, last,

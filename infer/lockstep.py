@@ -12,7 +12,7 @@ mesh some rows live only on other processes' devices and process 0 must read the
 
 The calls travel through the key-value store of JAX's distributed service, not a device
 collective (`multihost_utils.broadcast_one_to_all`): a store read takes a timeout, so an idle
-follower waits without tying up the devices and a dead leader shows up as an error, whereas a
+process waits for process 0 without tying up the devices and a dead process 0 shows up as an error, whereas a
 collective has no timeout, a size that must be agreed before each payload, and one compile per
 payload size. The store holds one key per call, deleted `WINDOW` calls later.
 
@@ -48,8 +48,8 @@ from sharding import distributed
 log = logging.getLogger("llama_jax.infer")
 
 PREFIX = "llama_jax/lockstep"
-WINDOW = 1024  # calls a follower may lag before its key is deleted (it lags by ~3)
-POLL_MS = 1000  # how often a waiting follower wakes to see whether it should still wait
+WINDOW = 1024  # calls a process may lag behind process 0 before its key is deleted (it lags by ~3)
+POLL_MS = 1000  # how often a waiting process wakes to see whether it should still wait
 
 Call = tuple[str, tuple[Any, ...]]
 
@@ -64,8 +64,8 @@ def _exit(line: str) -> None:
 
 class Group:
     """This process's place in a serving job: the store, the call counter and the liveness
-    watch. `start` after `sharding.distributed.initialize`; `stop` ends the watch (the leader
-    first tells the followers to stop)."""
+    watch. `start` after `sharding.distributed.initialize`; `stop` ends the watch (process 0
+    first tells the other processes to stop)."""
 
     def __init__(self, *, timeout: float = 30.0, beat: float = 1.0) -> None:
         from jax._src.distributed import global_state  # the store has no public handle
@@ -81,13 +81,14 @@ class Group:
         self._watch = threading.Thread(target=self._watch_loop, name="lockstep-watch", daemon=True)
         # The watched processes (process 0 watches all, the rest watch process 0): each one's
         # last heartbeat value and when it last changed.
-        watched = range(1, self.size) if self.leader else [0]
+        watched = range(1, self.size) if self.serving else [0]
         self._seen: dict[int, tuple[str | None, float]] = {
             p: (None, time.monotonic()) for p in watched
         }
 
     @property
-    def leader(self) -> bool:
+    def serving(self) -> bool:
+        """Process 0: it runs the HTTP front end and the scheduler."""
         return self.rank == 0
 
     def start(self) -> Group:
@@ -100,7 +101,7 @@ class Group:
         return self
 
     def _leave(self) -> None:
-        """At exit without the leader's stop: end the process now, status 1, its error line
+        """At exit without process 0's stop call: end the process now, status 1, its error line
         already printed. JAX's own exit handler would wait for the other processes at the
         distributed service's shutdown barrier (minutes), beating all the while, so they would
         not see this one go; and a barrier that times out aborts every process with a stack
@@ -113,7 +114,7 @@ class Group:
     # --- calls -----------------------------------------------------------------------------
 
     def send(self, calls: Sequence[Call]) -> None:
-        """Leader: publish the next batch of calls for every follower."""
+        """Process 0: publish the next batch of calls for every other process."""
         with self._lock:
             self._calls += 1
             self.client.key_value_set_bytes(f"{PREFIX}/{self._calls}", pickle.dumps(list(calls)))
@@ -121,7 +122,7 @@ class Group:
                 self.client.key_value_delete(f"{PREFIX}/{self._calls - WINDOW}")
 
     def receive(self) -> list[Call]:
-        """Follower: the next batch of calls, waiting as long as the leader is alive."""
+        """Processes but 0: the next batch of calls, waiting as long as process 0 is alive."""
         self._calls += 1
         key = f"{PREFIX}/{self._calls}"
         while True:
@@ -132,8 +133,8 @@ class Group:
                     _exit("process 0 stopped responding")
 
     def stop(self) -> None:
-        """End the liveness watch; the leader first sends the followers their last call."""
-        if self.leader and not self._stopped.is_set():
+        """End the liveness watch; process 0 first sends the other processes their last call."""
+        if self.serving and not self._stopped.is_set():
             with contextlib.suppress(Exception):
                 self.send([("stop", ())])
         self._stopped.set()
@@ -150,7 +151,7 @@ class Group:
             except Exception:
                 if self._stopped.is_set():
                     return
-                _exit("process 0 stopped responding" if not self.leader else "store failed")
+                _exit("process 0 stopped responding" if not self.serving else "store failed")
             now = time.monotonic()
             for p, value in values.items():
                 if value != self._seen[p][0]:
@@ -208,7 +209,7 @@ def _replicate(mesh: jax.sharding.Mesh) -> Callable[[Sampled], Sampled]:
 
 
 class LockstepEngine:
-    """Process 0's engine: each call is sent to the followers, then run on `engine` here.
+    """Process 0's engine: each call is sent to the other processes, then run on `engine` here.
 
     A wrapper (`scheduler.engine = LockstepEngine(group, scheduler.engine)`) rather than a
     subclass, so the scheduler is built by `infer.batching.scheduler_for` like any other and
@@ -248,7 +249,7 @@ class LockstepEngine:
 
 
 def settings(engine: Engine) -> tuple:
-    """What must agree between the leader's engine and a follower's for their calls to be one
+    """What must agree between process 0's engine and another process's for their calls to be one
     SPMD program (they are built from the same command line; this catches a mismatch)."""
     return (
         engine.config,
@@ -264,11 +265,11 @@ def settings(engine: Engine) -> tuple:
 
 
 def follow(group: Group, engine: Engine) -> None:
-    """A follower's serving loop: run the leader's calls on `engine` until it says stop.
+    """The serving loop of a process but 0: run process 0's calls on `engine` until it says stop.
 
-    An engine call that fails here failed on the leader too (same program, same arguments),
+    An engine call that fails here failed on process 0 too (same program, same arguments),
     whose scheduler then resets the engine and says so; so a failure is logged and the loop
-    goes on, as the leader's does."""
+    goes on, as process 0's does."""
     gather = _replicate(engine.mesh)
     while True:
         for name, args in group.receive():

@@ -199,15 +199,20 @@ class TokenHistory(NamedTuple):
         """Nothing seen yet."""
         return TokenHistory(jnp.zeros((rows, vocab), jnp.int32), jnp.zeros((rows, vocab), bool))
 
-    @staticmethod
-    def of_prompts(prompt_tokens: jax.Array, prompt_lengths: jax.Array, vocab: int) -> TokenHistory:
-        """The history right after prefill: the first `prompt_lengths` [S] of `prompt_tokens`
-        [S, T] (the rest is padding) marked as prompt, nothing generated."""
-        s, t = prompt_tokens.shape
-        real = jnp.arange(t)[None, :] < prompt_lengths[:, None]
-        ids = jnp.where(real, prompt_tokens, vocab)  # out of range: dropped by the scatter
-        prompt = jnp.zeros((s, vocab), bool).at[jnp.arange(s)[:, None], ids].set(True, mode="drop")
-        return TokenHistory(jnp.zeros((s, vocab), jnp.int32), prompt)
+    def record(self, tokens: jax.Array, real: jax.Array, generated: jax.Array) -> TokenHistory:
+        """This history with a chunk of `tokens` [S, T] recorded where `real` [S, T] (the rest is
+        padding): prompt tokens marked seen, `generated` ones (a sequence recomputed after
+        preemption) counted."""
+        vocab = self.counts.shape[1]
+        rows = jnp.arange(tokens.shape[0])[:, None]
+
+        def ids(keep: jax.Array) -> jax.Array:
+            return jnp.where(keep, tokens, vocab)  # out of range: dropped by the scatter
+
+        return TokenHistory(
+            self.counts.at[rows, ids(real & generated)].add(1, mode="drop"),
+            self.prompt.at[rows, ids(real & ~generated)].set(True, mode="drop"),
+        )
 
     def add(self, tokens: jax.Array, active: jax.Array) -> TokenHistory:
         """This history with `tokens` [S] counted as generated where `active` [S]."""

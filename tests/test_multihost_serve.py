@@ -1,6 +1,6 @@
 """Multi-host serving for real: two `serve` processes x 4 CPU devices (coordinator on
 127.0.0.1, gloo collectives) hold one model on an 8-device mesh; process 0 answers HTTP with
-the greedy tokens one process over 8 devices generates, and a follower that dies takes it
+the greedy tokens one process over 8 devices generates, and a process that dies takes it
 down with one line, not a hang."""
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def _reference() -> list[tuple[list[int], list[float]]]:
     return [(c.token_ids, c.logprobs) for c in out]
 
 
-def test_two_processes_serve_like_one_and_stop_when_a_follower_dies(tmp_path):
+def test_two_processes_serve_like_one_and_stop_when_process_1_dies(tmp_path):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     procs, logs = _spawn(tmp_path, port)

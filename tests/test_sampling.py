@@ -235,8 +235,10 @@ def history_of(prompts, generated) -> TokenHistory:
     tokens = np.zeros((len(prompts), width), np.int32)
     for row, ids in enumerate(prompts):
         tokens[row, : len(ids)] = ids
-    lengths = jnp.asarray([len(x) for x in prompts], jnp.int32)
-    history = TokenHistory.of_prompts(jnp.asarray(tokens), lengths, EDIT_VOCAB)
+    real = np.arange(width)[None, :] < np.asarray([len(x) for x in prompts])[:, None]
+    history = TokenHistory.zeros(len(prompts), EDIT_VOCAB).record(
+        jnp.asarray(tokens), jnp.asarray(real), jnp.zeros(real.shape, bool)
+    )
     active = jnp.ones(len(prompts), bool)
     for step in zip(*generated, strict=True):
         history = _add(history, jnp.asarray(step, jnp.int32), active)
@@ -283,9 +285,11 @@ def test_history_counts_generated_tokens_of_active_slots_only():
     expected[0, 1], expected[1, 2], expected[2, 3] = 2, 1, 1
     np.testing.assert_array_equal(np.asarray(history.counts), expected)
     assert not np.asarray(history.prompt).any()
-    # of_prompts marks only the first `length` tokens (the rest is padding), counting nothing.
-    prompt = TokenHistory.of_prompts(jnp.asarray([[4, 4, 9], [7, 0, 0]]), jnp.asarray([3, 1]),
-                                     EDIT_VOCAB)  # fmt: skip
+    # record marks only the real tokens (the rest is padding), and counts only generated ones.
+    real = jnp.asarray([[True, True, True], [True, False, False]])
+    prompt = TokenHistory.zeros(2, EDIT_VOCAB).record(
+        jnp.asarray([[4, 4, 9], [7, 0, 0]]), real, jnp.zeros((2, 3), bool)
+    )
     assert [set(np.flatnonzero(r).tolist()) for r in np.asarray(prompt.prompt)] == [{4, 9}, {7}]
     assert not np.asarray(prompt.counts).any()
 
