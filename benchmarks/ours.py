@@ -168,7 +168,7 @@ class Prefill:
 
 class Train:
     """One AdamW training step (Llama 3 recipe: clipping, warm-up schedule), state donated;
-    `loss_chunks` as in `train.step.token_losses`."""
+    `loss_chunks` as in `train.step.chunked_sum`."""
 
     def __init__(self, config: LlamaConfig, params: Params, row: Row, loss_chunks: int = 1):
         optimizer = make_optimizer(OptimConfig(warmup_steps=10))

@@ -32,6 +32,7 @@ from llama_jax.api import Model, init
 from llama_jax.chat import encode_dialog, parse_assistant, require_chat_format
 from llama_jax.checkpoint.errors import CheckpointError
 from llama_jax.checkpoint.load import load
+from llama_jax.checkpoint.peft import merge_into
 from llama_jax.config import ConfigError, preset
 from llama_jax.tokenizer import open_tokenizer
 from llama_jax.tokenizer_base import TokenizerError
@@ -64,6 +65,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", help='device mesh, e.g. "tensor=4" or "data=2,tensor=4"')
     p.add_argument("--rules", default="infer_tp", help="sharding rule preset (default infer_tp)")
     p.add_argument("--dtype", help="cast parameters to float32 / bfloat16 / float16")
+    p.add_argument("--lora", metavar="ADAPTER_DIR", help="merge this PEFT LoRA adapter at load")
     p.add_argument(
         "--max-seq-len",
         type=positive,
@@ -153,7 +155,8 @@ def sampling_from(args: argparse.Namespace, **overrides: Any) -> SamplingParams:
 
 
 def load_model(args: argparse.Namespace) -> Model:
-    """The model named by --checkpoint / --preset, placed on --mesh, with its tokenizer."""
+    """The model named by --checkpoint / --preset, placed on --mesh, with its tokenizer and
+    the --lora adapter merged into its weights (so it runs as fast as the base)."""
     mesh = make_mesh(args.mesh) if args.mesh else None
     if args.checkpoint:
         shardings = None if mesh is None else resolver(mesh, args.rules)
@@ -165,6 +168,8 @@ def load_model(args: argparse.Namespace) -> Model:
         model = init(config)
         if mesh is not None:
             model.params, model.mesh = place(model.params, config, mesh, args.rules), mesh
+    if args.lora:
+        model = merge_into(model, args.lora)
     if args.tokenizer:
         try:
             model.tokenizer = open_tokenizer(args.tokenizer)

@@ -3,7 +3,8 @@
 SRC is any directory `llama_jax.load` reads (layout detected). Meta/HF to Meta/HF conversion
 streams tensor by tensor from file to file without loading the model, so host memory stays near
 one tensor whatever the model size; Orbax output, or Orbax/run-directory input, goes through
-loaded params.
+loaded params, as does `--merge-lora ADAPTER_DIR` (a PEFT LoRA adapter folded into the
+weights before export).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from llama_jax.checkpoint.export import (
     stored_model,
 )
 from llama_jax.checkpoint.load import detect_layout, load, param_dtype
+from llama_jax.checkpoint.peft import merge_into
 from llama_jax.checkpoint.placement import progress_bar
-from llama_jax.config import LlamaConfig
+from llama_jax.config import ConfigError, LlamaConfig
 from llama_jax.tokenizer import find_tokenizer
 
 _UNITS = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "B": 1}
@@ -49,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mp", type=int, default=1, help="model-parallel ranks of a Meta export")
     p.add_argument("--max-shard-size", type=_size, default=DEFAULT_SHARD_BYTES,
                    help="HF shard size, e.g. 5GB")  # fmt: skip
+    p.add_argument("--merge-lora", type=Path, metavar="ADAPTER_DIR",
+                   help="merge this PEFT LoRA adapter into the weights")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -72,10 +76,15 @@ def convert(
     mp: int = 1,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool | None = None,
+    merge_lora: Path | None = None,
 ) -> Path:
-    """Write the checkpoint at `src` as `to` at `dst`; returns `dst`."""
+    """Write the checkpoint at `src` as `to` at `dst`, with the PEFT adapter `merge_lora`
+    merged in (in the stored dtype, before any cast to `dtype`); returns `dst`."""
     out = param_dtype(dtype)
     kind, root = detect_layout(src)
+    if merge_lora is not None:
+        model = merge_into(load(src, progress=progress), merge_lora)
+        return export(model, dst, to, out, mp=mp, max_shard_bytes=max_shard_bytes)
     if kind in ("meta", "hf") and to in ("hf", "meta"):
         source = sources.read_meta(root) if kind == "meta" else sources.read_hf(root)
         config = source.config.replace(param_dtype=source.dtype.name)
@@ -116,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             mp=args.mp,
             max_shard_bytes=args.max_shard_size,
             progress=False if args.no_progress else None,
+            merge_lora=args.merge_lora,
         )
-    except CheckpointError as e:
+    except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.to} checkpoint to {dst}")

@@ -96,6 +96,57 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
     return y.reshape(*lead, *w.shape[contract:])
 
 
+class Adapters(NamedTuple):
+    """Low-rank adapters added to the layer stack's projections in a forward pass:
+    `W x + scale * B(A(dropout(x)))` for every projection `weights` holds (see `llama_jax.lora`,
+    which builds, places, merges and stores them).
+
+    `weights` mirrors the params' `layers` subtree: `{"attention": {"wq": {"a": [L, *in, r],
+    "b": [L, r, *out]}}, "feed_forward": {...}}` for the adapted projections only. Dropout (on
+    the adapter's input, as PEFT applies it) needs `rng`; without one it is off.
+    """
+
+    weights: Params
+    scale: float
+    dropout: float = 0.0
+    rng: jax.Array | None = None
+
+
+class LayerAdapters(NamedTuple):
+    """One layer's slice of `Adapters`, already in the compute dtype, as the modules use it."""
+
+    weights: Params
+    scale: float
+    dropout: float
+    rng: jax.Array | None
+
+    def project(self, x: jax.Array, w: jax.Array, module: str, name: str, contract: int = 1):
+        """`dense(x, w, contract)` plus this projection's adapter, if it has one."""
+        y = dense(x, w, contract)
+        ab = self.weights.get(module, {}).get(name)
+        if ab is None:
+            return y
+        if self.dropout > 0 and self.rng is not None:
+            key = jax.random.fold_in(self.rng, _ADAPTED.index((module, name)))
+            keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+        low = dense(x, ab["a"], contract)
+        return y + (dense(low, ab["b"]) * self.scale).astype(y.dtype)
+
+
+# Every projection an adapter may sit on, as (module, weight) in the layer's tree.
+_ADAPTED = (
+    ("attention", "wq"),
+    ("attention", "wk"),
+    ("attention", "wv"),
+    ("attention", "wo"),
+    ("feed_forward", "w1"),
+    ("feed_forward", "w3"),
+    ("feed_forward", "w2"),
+)
+NO_ADAPTERS = LayerAdapters({}, 0.0, 0.0, None)
+
+
 class LayerCache(NamedTuple):
     """The stacked KV cache seen from one layer: which layer, and where this call's tokens go.
 
@@ -219,15 +270,17 @@ class Attention(nnx.Module):
         rope: tuple[jax.Array, jax.Array],
         mask: jax.Array | Documents | PagedDecode,
         cache: LayerCache | None,
+        adapters: LayerAdapters = NO_ADAPTERS,
     ) -> tuple[jax.Array, LayerCache | None]:
         """`mask` [batch, time, keys] is True where a query may attend; keys are this call's
         tokens, or with a cache the cache's slots after this call's tokens are written.
         `Documents` instead: no cache, the kernel it names. `PagedDecode`: a paged cache read
         by the Pallas kernel, after this call's tokens are written."""
         dt = x.dtype
-        q = dense(x, self.wq[...])
-        k = dense(x, self.wk[...])
-        v = dense(x, self.wv[...])
+        project = partial(adapters.project, module="attention")
+        q = project(x, self.wq[...], name="wq")
+        k = project(x, self.wk[...], name="wk")
+        v = project(x, self.wv[...], name="wv")
         q = constrain(q, (BATCH, LENGTH, HEADS, None))
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
@@ -241,7 +294,7 @@ class Attention(nnx.Module):
                     q, cache.k, cache.v, cache.layer, cache.table, mask.lengths
                 )
                 out = constrain(out, (BATCH, LENGTH, HEADS, None))
-                return dense(out, self.wo[...], contract=2), cache
+                return project(out, self.wo[...], name="wo", contract=2), cache
             k, v = cache.keys_values()
         if isinstance(mask, Documents):
             # Constrained on both sides, the kernel's layout change (sequence split -> heads
@@ -251,9 +304,9 @@ class Attention(nnx.Module):
             k, v = constrain(k, kv_layout), constrain(v, kv_layout)
             out = _KERNELS[mask.kernel](q, k, v, mask.segment_ids)
             out = constrain(out, (BATCH, LENGTH, HEADS, None))
-            return dense(out, self.wo[...], contract=2), cache
+            return project(out, self.wo[...], name="wo", contract=2), cache
         out = grouped_attention(q, k.astype(dt), v.astype(dt), mask)
-        return dense(out, self.wo[...], contract=2), cache
+        return project(out, self.wo[...], name="wo", contract=2), cache
 
 
 class FeedForward(nnx.Module):
@@ -265,11 +318,12 @@ class FeedForward(nnx.Module):
         self.w3 = _param(rngs, (L, d, f), ("layers", "embed", "mlp"), pd)
         self.w2 = _param(rngs, (L, f, d), ("layers", "mlp", "embed"), pd)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gate = dense(x, self.w1[...])
-        up = dense(x, self.w3[...])
+    def __call__(self, x: jax.Array, adapters: LayerAdapters = NO_ADAPTERS) -> jax.Array:
+        project = partial(adapters.project, module="feed_forward")
+        gate = project(x, self.w1[...], name="w1")
+        up = project(x, self.w3[...], name="w3")
         h = constrain(jax.nn.silu(gate) * up, (BATCH, LENGTH, MLP))
-        return dense(h, self.w2[...])
+        return project(h, self.w2[...], name="w2")
 
 
 class Block(nnx.Module):
@@ -282,11 +336,19 @@ class Block(nnx.Module):
         self.ffn_norm = _ones((c.n_layers, c.dim), ("layers", "norm"), c.param_dtype)
         self.feed_forward = FeedForward(c, rngs)
 
-    def __call__(self, c: LlamaConfig, x, rope, mask, cache: LayerCache | None):
+    def __call__(
+        self,
+        c: LlamaConfig,
+        x,
+        rope,
+        mask,
+        cache: LayerCache | None,
+        adapters: LayerAdapters = NO_ADAPTERS,
+    ):
         normed = rms_norm(x, self.attention_norm[...], c.norm_eps)
-        h, cache = self.attention(c, normed, rope, mask, cache)
+        h, cache = self.attention(c, normed, rope, mask, cache, adapters)
         x = constrain(x + h, (BATCH, LENGTH, EMBED))
-        x = x + self.feed_forward(rms_norm(x, self.ffn_norm[...], c.norm_eps))
+        x = x + self.feed_forward(rms_norm(x, self.ffn_norm[...], c.norm_eps), adapters)
         return constrain(x, (BATCH, LENGTH, EMBED)), cache
 
 
@@ -320,20 +382,29 @@ def run_layers(
     rope: tuple[jax.Array, jax.Array],
     mask: jax.Array | Documents | PagedDecode,
     cache: LayerCache | None = None,
+    adapters: Adapters | None = None,
 ) -> tuple[jax.Array, LayerCache | None]:
     """`x` through every layer: a `scan` over stacked weights (compile time independent of
     depth), or a Python loop over a sequence of per-layer weight trees (unrolled; CPU engines
     use this form, see `infer.layer_views`). With a `cache`, every layer writes its new tokens
-    into the stacked cache arrays, which ride in the carry."""
+    into the stacked cache arrays, which ride in the carry. `adapters` (stacked like the
+    weights) ride in the scan beside them."""
     dt = jnp.dtype(c.compute_dtype)
     block = _block_graphdef(c)
+    stacked_adapters = {} if adapters is None else adapters.weights
 
-    def one_layer(weights: Params, x: jax.Array, kv: tuple | None, i: jax.Array | int):
+    def one_layer(
+        weights: Params, x: jax.Array, kv: tuple | None, i: jax.Array | int, lora: Params
+    ):
         # Cast here, inside the rematerialised function: the backward pass then keeps the
         # float32 weights themselves, not a stacked compute-dtype copy of every layer.
-        weights = jax.tree.map(partial(cast_for_compute, dtype=dt), weights)
+        weights, lora = jax.tree.map(partial(cast_for_compute, dtype=dt), (weights, lora))
         layer_cache = None if kv is None else cache._replace(k=kv[0], v=kv[1], layer=i)
-        x, layer_cache = nnx.merge(block, weights)(c, x, rope, mask, layer_cache)
+        layer_adapters = NO_ADAPTERS
+        if adapters is not None:
+            rng = None if adapters.rng is None else jax.random.fold_in(adapters.rng, i)
+            layer_adapters = LayerAdapters(lora, adapters.scale, adapters.dropout, rng)
+        x, layer_cache = nnx.merge(block, weights)(c, x, rope, mask, layer_cache, layer_adapters)
         return x, None if layer_cache is None else (layer_cache.k, layer_cache.v)
 
     if c.remat != "none":
@@ -341,11 +412,12 @@ def run_layers(
     carry = (x, None if cache is None else (cache.k, cache.v))
     if isinstance(layers, Sequence):
         for i, weights in enumerate(layers):
-            carry = one_layer(weights, *carry, i)
+            lora = jax.tree.map(lambda a, i=i: a[i], stacked_adapters)
+            carry = one_layer(weights, *carry, i, lora)
     else:
         layer_ids = jnp.arange(c.n_layers, dtype=jnp.int32)
-        step = lambda carry, xs: (one_layer(xs[0], *carry, xs[1]), None)  # noqa: E731
-        carry = jax.lax.scan(step, carry, (layers, layer_ids))[0]
+        step = lambda carry, xs: (one_layer(xs[0], *carry, xs[1], xs[2]), None)  # noqa: E731
+        carry = jax.lax.scan(step, carry, (layers, layer_ids, stacked_adapters))[0]
     x, kv = carry
     return x, None if kv is None else cache._replace(k=kv[0], v=kv[1])
 
@@ -418,6 +490,7 @@ def forward(
     config: LlamaConfig,
     last_only: bool = False,
     hidden_only: bool = False,
+    adapters: Adapters | None = None,
 ) -> tuple[jax.Array, KVCache | PagedKVCache | None]:
     """Logits float32 [batch, time, vocab] (or [batch, 1, vocab] with `last_only`) and the
     updated cache. Pure: jit it with `config` static.
@@ -428,7 +501,7 @@ def forward(
     is a `KVCache` (a row per sequence) or a `PagedKVCache` (blocks of a shared pool).
     `hidden_only` returns the final-normed hidden states [batch, time, dim] in the compute
     dtype instead of logits, for callers that apply the head piecewise (`output_logits`), e.g.
-    a chunked training loss.
+    a chunked training loss. `adapters` adds low-rank adapters to the layers' projections.
     """
     c = config
     b, t = tokens.shape
@@ -444,7 +517,7 @@ def forward(
             mask: jax.Array | Documents = Documents(segment_ids, kernel)
         else:
             mask = attention_mask(segment_ids, (b, t))
-        x, _ = run_layers(c, params["layers"], x, rope, mask)
+        x, _ = run_layers(c, params["layers"], x, rope, mask, adapters=adapters)
         new_cache = None
     else:
         at = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)  # the new tokens' indices
@@ -454,7 +527,7 @@ def forward(
             mask = PagedDecode(jnp.minimum(at[:, 0] + 1, keys))
         else:
             mask = jnp.arange(keys, dtype=jnp.int32)[None, None, :] <= at[:, :, None]
-        x, layer_cache = run_layers(c, params["layers"], x, rope, mask, layer_cache)
+        x, layer_cache = run_layers(c, params["layers"], x, rope, mask, layer_cache, adapters)
         if segment_ids is None:
             advance = jnp.full((b,), t, jnp.int32)
         else:

@@ -14,10 +14,16 @@ from typing import Any
 
 from llama_jax import compile_cache, platforms
 from train.config import TrainConfig, load_config, parse_assignments
-from train.loop import USER_ERRORS, run
+from train.loop import USER_ERRORS, dump_teacher, run
 
 EXAMPLES = """examples:
   python -m llama_jax.train --config tiny-arithmetic --checkpoint-dir runs/a
+  python -m llama_jax.train --config llama3.1-8b-lora-sft --init-from /ckpt/Llama3.1-8B-Instruct \\
+      --data chats.jsonl --export-dir adapter/
+  python -m llama_jax.train --config llama3.1-8b-dpo --init-from /ckpt/Llama3.1-8B-Instruct \\
+      --data pairs.jsonl --checkpoint-dir runs/dpo
+  python -m llama_jax.train --config llama3.2-1b-distill-from-8b --data docs/ \\
+      --teacher /ckpt/Llama3.1-8B --checkpoint-dir runs/distill
   python -m llama_jax.train --preset llama3.2-1b --init-from /ckpt/Llama3.2-1B --sft \\
       --data chats.jsonl --mesh fsdp=-1 --steps 1000 --checkpoint-dir gs://bucket/run
 """
@@ -57,8 +63,55 @@ FLAGS: dict[str, tuple[str, type, str]] = {
         "compute the head and loss over N slices of the sequence, for less memory",
     ),
     "--lr": ("optim.lr", float, "peak learning rate (linear warm-up, then cosine)"),
+    "--lora-rank": (
+        "lora.rank",
+        int,
+        "train LoRA adapters of this rank over the frozen base (0: train every weight)",
+    ),
+    "--lora-alpha": ("lora.alpha", float, "LoRA scale numerator: updates scaled by alpha/rank"),
+    "--lora-targets": (
+        "lora.targets",
+        str,
+        "projections that get adapters: q,k,v,o,gate,up,down (or all)",
+    ),
+    "--lora-dropout": ("lora.dropout", float, "dropout on each adapter's input"),
+    "--objective": ("objective", str, "what to minimise: lm (pretraining, SFT), dpo, distill"),
+    "--dpo-beta": ("dpo.beta", float, "DPO's beta: the strength of the reference anchor"),
+    "--dpo-loss": ("dpo.loss", str, "sigmoid (DPO; cDPO with label smoothing), robust or ipo"),
+    "--dpo-label-smoothing": (
+        "dpo.label_smoothing",
+        float,
+        "the share of preference labels taken as flipped (conservative / robust DPO)",
+    ),
+    "--dpo-reference": (
+        "dpo.reference",
+        str,
+        "auto (the LoRA base, else a frozen copy), frozen, or precomputed",
+    ),
+    "--teacher": ("distill.teacher", str, "checkpoint of the distillation teacher"),
+    "--teacher-topk": (
+        "distill.topk_dir",
+        str,
+        "directory of the teacher's top-K log-probs (offline distillation)",
+    ),
+    "--dump-teacher-topk": (
+        "dump_teacher_topk",
+        int,
+        "write the teacher's top-K log-probs of every batch into --teacher-topk, then stop",
+    ),
+    "--distill-temperature": ("distill.temperature", float, "temperature of both distributions"),
+    "--distill-alpha": (
+        "distill.alpha",
+        float,
+        "weight of the KL to the teacher; 1 - alpha weights the cross-entropy",
+    ),
     "--log-every": ("log_every", int, "log metrics every N steps"),
     "--export-dir": ("export_dir", str, "write the final weights here (format: export_format)"),
+    "--export-format": (
+        "export_format",
+        str,
+        "hf, meta, orbax, or peft (the LoRA adapter alone); auto: peft with LoRA, else hf",
+    ),
 }
 
 
@@ -102,6 +155,13 @@ def parser() -> argparse.ArgumentParser:
             help=f"{text} (config key {key}; default {_default(key)!r})",
         )
     p.add_argument(
+        "--precompute-reference",
+        action="store_true",
+        default=None,
+        help="DPO: score every pair with the starting model in a first pass and train against "
+        "those log-probs, with no reference model in memory (--dpo-reference precomputed)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -119,6 +179,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, dict[str, Any
     given = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, *_) in FLAGS.items()}
     given["data.paths"] = args.data
     given["data.sft"] = args.sft
+    if args.precompute_reference:
+        given["dpo.reference"] = "precomputed"
     for key, value in given.items():
         if value is not None:
             *parents, leaf = key.split(".")
@@ -134,7 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     platforms.skip_absent_tpu()
     compile_cache.enable()
     try:
-        result = run(load_config(config_name, overrides))
+        cfg = load_config(config_name, overrides)
+        if cfg.dump_teacher_topk:
+            steps = dump_teacher(cfg)
+            print(f"wrote the teacher's top-{cfg.dump_teacher_topk} of {steps} steps")
+            return 0
+        result = run(cfg)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

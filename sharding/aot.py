@@ -38,13 +38,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llama_jax import model as llama_model
 from llama_jax.config import ATTENTION_KERNELS, DTYPES, REMAT_POLICIES, LlamaConfig, preset
 from llama_jax.kv_cache import KVCache, PagedKVCache
+from llama_jax.lora import LoraConfig, parse_targets
 from llama_jax.partitioning import placed_shapes
 from sharding import place
 from sharding.mesh import make_mesh
 from sharding.rules import DEFAULT_MESH, PRESET_NAMES, with_rules
 from train.metrics import flops_per_token
 from train.optim import OptimConfig, make_optimizer
-from train.step import BATCH_KEYS, abstract_train_state, build_train_step
+from train.step import BASE, BATCH_KEYS, Policy, abstract_train_state, build_step, lm_objective
 
 GiB = 1024**3
 LOSS_CHUNKS = 8  # train steps: float32 logits of 1/8 of each sequence at a time
@@ -112,6 +113,7 @@ class Report:
     no_estimate: str | None = None
     kv: str | None = None  # decode steps: the KV cache layout (`KV_LAYOUTS`)
     block_size: int | None = None  # a paged cache's tokens per block
+    lora: str | None = None  # train steps with LoRA: rank and targets, e.g. "r=16 on q,v"
 
 
 def topology_devices(topology: str, slices: int = 1) -> list[Any]:
@@ -141,21 +143,30 @@ def compile_train(
     seq: int,
     *,
     loss_chunks: int = 1,
+    lora: LoraConfig | None = None,
 ):
-    """The real `train.step` train step (AdamW, fp32 master weights), state donated."""
+    """The real `train.step` train step (AdamW, fp32 master weights), state donated. With
+    `lora`: the state holds the adapters and their moments; the frozen base is an undonated
+    argument in the compute dtype."""
     optimizer = make_optimizer(OptimConfig())
-    state = abstract_train_state(config, optimizer)
-    state_sh = place.tree_shardings(state, config, mesh, rules)
+    state = abstract_train_state(config, optimizer, lora)
+    state_sh = place.tree_shardings(state, config, mesh, rules, lora)
+    frozen = {}
+    if lora is not None:
+        frozen[BASE] = llama_model.param_shapes(config.replace(param_dtype=config.compute_dtype))
+    frozen_sh = place.tree_shardings(frozen, config, mesh, rules)
     dtypes = {k: jnp.float32 if k == "loss_mask" else jnp.int32 for k in BATCH_KEYS}
     data = {k: jax.ShapeDtypeStruct((batch, seq), dt) for k, dt in dtypes.items()}
     data_sh = place.batch_shardings(data, mesh, rules)
-    step = jax.jit(
-        with_rules(build_train_step(config, optimizer, loss_chunks=loss_chunks), mesh, rules),
-        in_shardings=(state_sh, data_sh),
+    step = build_step(lm_objective(Policy(config, lora), loss_chunks), optimizer)
+    jitted = jax.jit(
+        with_rules(step, mesh, rules),
+        in_shardings=(state_sh, data_sh, frozen_sh),
         out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
     )
-    return step.lower(placed_shapes(state, state_sh), placed_shapes(data, data_sh)).compile()
+    args = (state, state_sh), (data, data_sh), (frozen, frozen_sh)
+    return jitted.lower(*(placed_shapes(x, sh) for x, sh in args)).compile()
 
 
 def decode_cache(
@@ -269,11 +280,14 @@ def layer_costs(
     return f1 + extra * (f2 - f1), seconds
 
 
-def model_flops(config: LlamaConfig, step: str, batch: int, seq: int) -> tuple[float, int]:
-    """(model FLOPs of one step, tokens it processes). Training uses `train.metrics`' count;
-    a decode token costs 2 * N_matmul plus attention over the `seq` cached keys."""
+def model_flops(
+    config: LlamaConfig, step: str, batch: int, seq: int, lora: LoraConfig | None = None
+) -> tuple[float, int]:
+    """(model FLOPs of one step, tokens it processes). Training uses `train.metrics`' count
+    (LoRA's without the base's weight gradients); a decode token costs 2 * N_matmul plus
+    attention over the `seq` cached keys."""
     if step == "train":
-        return flops_per_token(config, seq) * batch * seq, batch * seq
+        return flops_per_token(config, seq, lora) * batch * seq, batch * seq
     attention = 4 * config.n_layers * config.n_heads * config.head_dim * seq
     return float(2 * config.matmul_params() + attention) * batch, batch
 
@@ -292,6 +306,7 @@ def run(
     kv: str = "contiguous",
     block_size: int = BLOCK_SIZE,
     overrides: dict[str, Any] | None = None,
+    lora: LoraConfig | None = None,
 ) -> Report:
     rules = rules or ("fsdp" if step == "train" else "infer_tp")
     policy = {**RUN_POLICY, **({"param_dtype": "bfloat16"} if step == "decode" else {})}
@@ -301,7 +316,7 @@ def run(
     mesh = make_mesh(mesh_spec or DEFAULT_MESH[rules], devices)
     batch = batch or len(devices)
     if step == "train":
-        compile_fn = partial(compile_train, loss_chunks=loss_chunks)
+        compile_fn = partial(compile_train, loss_chunks=loss_chunks, lora=lora)
     else:
         compile_fn = partial(compile_decode, kv=kv, block_size=block_size)
     compiled = compile_fn(config, mesh, rules, batch, seq)
@@ -313,7 +328,7 @@ def run(
         - memory.alias_size_in_bytes
         + memory.temp_size_in_bytes
     )
-    flops, tokens = model_flops(config, step, batch, seq)
+    flops, tokens = model_flops(config, step, batch, seq, lora)
     n = len(devices)
     return Report(
         preset=preset_name,
@@ -344,6 +359,7 @@ def run(
         else "libtpu's cost analysis left work it cannot cost (a negative step time)",
         kv=kv if step == "decode" else None,
         block_size=block_size if step == "decode" and kv == "paged" else None,
+        lora=f"r={lora.rank} on {','.join(lora.targets)}" if lora and step == "train" else None,
     )
 
 
@@ -351,6 +367,7 @@ def format_report(r: Report) -> str:
     gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
     mesh = ",".join(f"{a}={s}" for a, s in r.mesh.items())
     paged = f", paged KV cache ({r.block_size}-token blocks)" if r.kv == "paged" else ""
+    paged += f", LoRA {r.lora}" if r.lora else ""
     return "\n".join(
         [
             f"{r.preset} {r.step} step on {r.topology} ({r.chips} chips), mesh {mesh}, "
@@ -402,8 +419,18 @@ def main(argv: list[str] | None = None) -> None:
         default=BLOCK_SIZE,
         help="tokens per block of a paged KV cache (default %(default)s)",
     )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="train steps: LoRA adapters of this rank over a frozen bf16 base (alpha 2 x rank)",
+    )
+    p.add_argument("--lora-targets", default="q,k,v,o,gate,up,down", help="projections LoRA adapts")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    lora = None
+    if args.lora_rank:
+        lora = LoraConfig(args.lora_rank, 2.0 * args.lora_rank, parse_targets(args.lora_targets))
     fields = ("remat", "compute_dtype", "attention")
     overrides = {k: getattr(args, k) for k in fields if getattr(args, k)}
     report = run(
@@ -419,6 +446,7 @@ def main(argv: list[str] | None = None) -> None:
         kv=args.kv,
         block_size=args.block_size,
         overrides=overrides,
+        lora=lora,
     )
     print(json.dumps(asdict(report)) if args.json else format_report(report))
     sys.stdout.flush()

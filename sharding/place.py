@@ -18,24 +18,41 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llama_jax import model as llama_model
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import CACHE_AXES, PAGED_AXES, KVCache, PagedKVCache
+from llama_jax.lora import LoraConfig, adapter_shapes
 from llama_jax.partitioning import BATCH_AXES
-from sharding.rules import Mesh, Rules, logical_to_sharding, param_specs, path_str
+from sharding.rules import (
+    Mesh,
+    Rules,
+    adapter_specs,
+    logical_to_sharding,
+    param_specs,
+    path_str,
+)
 
 
-def tree_shardings(tree: Any, config: LlamaConfig, mesh: Mesh, rules: str | Rules) -> Any:
-    """`NamedSharding` for every leaf of `tree` (arrays or `ShapeDtypeStruct`s): parameter-like
-    leaves like their parameter, everything else replicated."""
-    by_path = {
+def _specs_by_path(specs: Any, shapes: Any) -> dict[tuple[str, ...], tuple[Any, PartitionSpec]]:
+    return {
         tuple(path_str(p).split("/")): (shape.shape, spec)
         for (p, spec), shape in zip(
-            jax.tree.leaves_with_path(
-                param_specs(config, dict(mesh.shape), rules),
-                is_leaf=lambda x: isinstance(x, PartitionSpec),
-            ),
-            jax.tree.leaves(llama_model.param_shapes(config)),
+            jax.tree.leaves_with_path(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)),
+            jax.tree.leaves(shapes),
             strict=True,
         )
     }
+
+
+def tree_shardings(
+    tree: Any, config: LlamaConfig, mesh: Mesh, rules: str | Rules, lora: LoraConfig | None = None
+) -> Any:
+    """`NamedSharding` for every leaf of `tree` (arrays or `ShapeDtypeStruct`s): parameter-like
+    leaves (and, with `lora`, adapter-like ones) like their parameter, everything else
+    replicated."""
+    sizes = dict(mesh.shape)
+    by_path = _specs_by_path(param_specs(config, sizes, rules), llama_model.param_shapes(config))
+    if lora is not None:
+        by_path |= _specs_by_path(
+            adapter_specs(config, lora, sizes, rules), adapter_shapes(config, lora)
+        )
     longest = max(len(k) for k in by_path)
 
     def one(path: Any, leaf: Any) -> NamedSharding:

@@ -27,8 +27,10 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from llama_jax import lora as lora_lib
 from llama_jax import model as llama_model
 from llama_jax.config import LlamaConfig
+from llama_jax.lora import LoraConfig
 from llama_jax.partitioning import use_resolver
 from sharding.mesh import AXES, ShardingError
 
@@ -58,6 +60,9 @@ TABLE: dict[str, tuple[tuple[str, ...], ...]] = {
     "mlp":                  (R,    T,       R,   T),
     "layers":               (R,    R,       R,   R),
     "norm":                 (FT,   F,       R,   R),
+    # LoRA adapters: a [layers, *in, lora_rank], b [layers, lora_rank, *out]; the rest of their
+    # axes are the weight's own
+    "lora_rank":            (R,    R,       R,   R),
     # activations (model.constrain) and input batches [batch, length]
     "activation_batch":     (BT,   B,       ALL, B),
     "activation_length":    (S,    S,       R,   R),
@@ -169,6 +174,20 @@ def param_specs(config: LlamaConfig, sizes: Mapping[str, int], rules: str | Rule
         ),
         llama_model.logical_axes(config),
         llama_model.param_shapes(config),
+        is_leaf=_is_names,
+    )
+
+
+def adapter_specs(
+    config: LlamaConfig, lora: LoraConfig, sizes: Mapping[str, int], rules: str | Rules
+) -> Any:
+    """`PartitionSpec` per LoRA adapter leaf (the tree of `llama_jax.lora.adapter_shapes`)."""
+    return jax.tree.map_with_path(
+        lambda path, names, shape: logical_to_spec(
+            names, sizes, rules, shape.shape, f"adapter {path_str(path)}"
+        ),
+        lora_lib.adapter_axes(config, lora),
+        lora_lib.adapter_shapes(config, lora),
         is_leaf=_is_names,
     )
 

@@ -76,6 +76,9 @@ SCRIPT = textwrap.dedent("""
                                   kv="paged", block_size=16).as_text()
         print(json.dumps({"tpu_custom_call": 'custom_call_target="tpu_custom_call"' in text,
                           "paged_attention": "paged_attention" in text}))
+    for lora in ([], ["--lora-rank", "4"]):
+        aot.main(["--preset", "tiny", "--topology", "v5e:2x2", "--batch", "4", "--seq", "64",
+                  "--json", *lora])
 """)
 
 
@@ -83,7 +86,8 @@ SCRIPT = textwrap.dedent("""
 def runs() -> list[dict]:
     """Multi-slice train report, train report, decode report, extrapolation ratios, splash and
     plain attention memory, a v5e train report, v5e sliced-prefetch estimates, contiguous and
-    paged decode reports on v5e:1x2, paged decode with and without the kernel: one process, one libtpu start-up (the multi-slice topology must come first: libtpu keeps state)."""
+    paged decode reports on v5e:1x2, paged decode with and without the kernel, full and LoRA
+    train reports on v5e:2x2: one process, one libtpu start-up (the multi-slice topology must come first: libtpu keeps state)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)
     done = subprocess.run(
@@ -95,7 +99,7 @@ def runs() -> list[dict]:
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in done.stdout.strip().splitlines()[-12:]]
+    return [json.loads(line) for line in done.stdout.strip().splitlines()[-14:]]
 
 
 def test_train_step_compiles_for_v5p_with_fsdp_memory(runs):
@@ -196,3 +200,17 @@ def test_auto_attention_decodes_a_paged_pool_with_the_pallas_kernel(runs):
     kernel, gather = runs[10], runs[11]
     assert kernel == {"tpu_custom_call": True, "paged_attention": True}
     assert not gather["tpu_custom_call"] and not gather["paged_attention"]
+
+
+def test_lora_train_step_holds_a_frozen_bf16_base_and_adapter_state(runs):
+    """The LoRA step's arguments: a bf16 base (2 bytes a weight) and fp32 adapters with their
+    moments, against fp32 weights and two moments (12 bytes a weight) trained whole; its model
+    FLOPs leave out the base's weight gradients (4 N instead of 6 N)."""
+    full, lora = runs[12], runs[13]
+    assert full["lora"] is None and lora["lora"] == "r=4 on q,k,v,o,gate,up,down"
+    assert lora["fits"] and lora["argument_bytes"] < full["argument_bytes"] / 2
+    config = preset("tiny")
+    n, seq = config.matmul_params(), 64
+    attention = 6 * config.n_layers * config.n_heads * config.head_dim * seq
+    assert full["flops_per_step"] == 4 * seq * (6 * n + attention)
+    assert 4 * seq * (4 * n + attention) < lora["flops_per_step"] < full["flops_per_step"]

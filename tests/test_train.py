@@ -34,7 +34,7 @@ from train.data import pack_examples, tokenize_document
 from train.loop import NonFiniteLoss, run
 from train.metrics import flops_per_token, peak_flops_per_device
 from train.optim import OptimConfig, decay_mask, make_optimizer, make_schedule
-from train.step import build_train_step, init_train_state, token_losses
+from train.step import Policy, build_train_step, init_train_state, lm_objective
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = preset("tiny")
@@ -94,6 +94,12 @@ def tiny_state():
     return opt, jax.jit(lambda: init_train_state(TINY, opt))()
 
 
+def _lm_loss(params, batch, config=TINY, loss_chunks: int = 1) -> tuple[jax.Array, jax.Array]:
+    """(summed cross-entropy, counted tokens) of the language-model objective."""
+    parts = lm_objective(Policy(config), loss_chunks)(params, {}, batch, None)
+    return parts.loss_sum, parts.count
+
+
 def _batch(rows: list[dict[str, np.ndarray]]) -> dict[str, jnp.ndarray]:
     return {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
 
@@ -109,7 +115,7 @@ def test_document_loss_is_the_same_alone_and_packed(tiny_state):
     )
     assert len(np.unique(packed["segment_ids"])) == len(docs) + 1  # all four plus padding
     params = tiny_state[1].params
-    loss = jax.jit(lambda b: token_losses(params, b, TINY))
+    loss = jax.jit(lambda b: _lm_loss(params, b))
     for i, example in enumerate(examples):
         alone = next(
             iter(pack_examples(grain.MapDataset.source([example]).to_iter_dataset(), 64, 1, 0))
@@ -152,7 +158,7 @@ def test_chunked_loss_matches_the_whole_sequence_loss(tiny_state):
     batch["loss_mask"] = batch["loss_mask"].at[1, 5:].set(0.0)
     grads = {}
     for chunks in (1, 4):
-        fn = jax.value_and_grad(partial(token_losses, loss_chunks=chunks), has_aux=True)
+        fn = jax.value_and_grad(partial(_lm_loss, loss_chunks=chunks), has_aux=True)
         grads[chunks] = jax.jit(fn, static_argnums=2)(params, batch, TINY)
     (loss1, n1), g1 = grads[1]
     (loss4, n4), g4 = grads[4]
@@ -161,7 +167,7 @@ def test_chunked_loss_matches_the_whole_sequence_loss(tiny_state):
     for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match=r"loss_chunks \(5\) must divide the sequence length 32"):
-        token_losses(params, batch, TINY, loss_chunks=5)
+        _lm_loss(params, batch, TINY, loss_chunks=5)
 
 
 def test_bf16_compute_keeps_fp32_master_weights_and_moments(tiny_state):

@@ -16,7 +16,10 @@ from typing import Any
 
 import yaml
 
+from llama_jax.lora import LoraConfig, parse_targets
 from train.data import DataConfig
+from train.distill import DistillConfig
+from train.dpo import DPOConfig
 from train.optim import OptimConfig
 
 
@@ -35,17 +38,45 @@ class TrainConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    """The `lora:` section: `rank` 0 trains every weight; > 0 trains low-rank adapters on
+    `targets` (comma-separated: q, k, v, o, gate, up, down, or all) over frozen base weights
+    held in the compute dtype. The update is scaled by alpha / rank (alpha / sqrt(rank) with
+    `rslora`); `dropout` applies to each adapter's input."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: str = "q,k,v,o,gate,up,down"
+    dropout: float = 0.0
+    rslora: bool = False
+
+    def config(self) -> LoraConfig | None:
+        if self.rank == 0:
+            return None
+        return LoraConfig(
+            self.rank, self.alpha, parse_targets(self.targets), self.dropout, self.rslora
+        )
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A training run.
 
     `model` is a preset name; `init_from` (any layout `llama_jax.load` reads) replaces it with
     that checkpoint's config and weights. `model_overrides` changes LlamaConfig fields. How the
     model runs is the run's choice, not the model's: `compute_dtype` (matmuls, default bf16) and
-    `remat` (activation checkpointing of each layer, default full). Parameters and optimizer
-    moments are always float32. `loss_chunks` > 1 computes the output head and loss over that
-    many slices of the sequence, for less memory (see `train.step.token_losses`).
-    `checkpoint_dir` is the run directory; it resumes when it holds a checkpoint. `export_dir`
-    receives the final weights as `export_format` ("hf", "meta" or "orbax"). `peak_tflops` is
+    `remat` (activation checkpointing of each layer, default full). Trained parameters and
+    optimizer moments are always float32; with `lora` only the adapters are trained, and the
+    base (frozen, in the compute dtype) is read again from `init_from` (or made again from
+    `seed`) on resume. `loss_chunks` > 1 computes the output head and loss over that many
+    slices of the sequence, for less memory (see `train.step.chunked_sum`). `objective` is what
+    the run minimises: "lm" (next-token cross-entropy; SFT with `data.sft`), "dpo" (preference
+    pairs, the `dpo:` section) or "distill" (a teacher's distributions, the `distill:` section:
+    an online `teacher` or an offline `topk_dir`). `dump_teacher_topk` K > 0 makes the run
+    write the teacher's top-K log-probs of every batch into `distill.topk_dir` instead of
+    training. `checkpoint_dir` is the run directory; it resumes when it holds a checkpoint. `export_dir` receives the final
+    weights as `export_format`: "hf", "meta" or "orbax", or with LoRA "peft" (the adapter
+    alone); "auto" is "peft" with LoRA, else "hf". `peak_tflops` is
     one device's peak for MFU (0: look it up or measure it).
     """
 
@@ -56,6 +87,11 @@ class TrainConfig:
     init_from: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    objective: str = "lm"
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    dump_teacher_topk: int = 0
     steps: int = 1000
     grad_accum: int = 1
     loss_chunks: int = 1
@@ -66,7 +102,7 @@ class TrainConfig:
     save_every: int = 1000
     keep: int = 3
     export_dir: str | None = None
-    export_format: str = "hf"
+    export_format: str = "auto"
     log_every: int = 10
     peak_tflops: float = 0.0
 
@@ -74,7 +110,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"data": DataConfig, "optim": OptimConfig}
+_SECTIONS = {
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "lora": LoraSettings,
+    "dpo": DPOConfig,
+    "distill": DistillConfig,
+}
+OBJECTIVES = ("lm", "dpo", "distill")
 
 
 def _coerce(value: Any, current: Any, key: str, source: str) -> Any:
@@ -82,6 +125,8 @@ def _coerce(value: Any, current: Any, key: str, source: str) -> Any:
     strings are accepted for floats, mappings are merged."""
     if key == "data.paths":
         return tuple(value) if isinstance(value, list | tuple) else (value,)
+    if key == "lora.targets" and isinstance(value, list | tuple):
+        return ",".join(map(str, value))
     if isinstance(current, dict):
         if not isinstance(value, dict):
             raise TrainConfigError(f"{source}: {key} must be a mapping, got {value!r}")
@@ -147,6 +192,10 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         config = _build(TrainConfig, values, config, "", str(file))
     if overrides:
         config = _build(TrainConfig, overrides, config, "", "command line")
+    if config.objective not in OBJECTIVES:
+        raise TrainConfigError(
+            f"objective {config.objective!r}: expected one of {', '.join(OBJECTIVES)}"
+        )
     return config
 
 

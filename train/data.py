@@ -119,17 +119,22 @@ class DocumentSource:
         path = self.files[self._file[index]]
         if self._offset[index] < 0:
             return {"text": path.read_text(encoding="utf-8")}
+        doc, where = self.json_line(index)
+        if not isinstance(doc, dict) or not ("text" in doc or "messages" in doc):
+            raise DataError(f'{where}: expected {{"text": ...}} or {{"messages": [...]}}')
+        return doc
+
+    def json_line(self, index: int) -> tuple[Any, str]:
+        """(the parsed JSONL line of document `index`, its FILE:LINE for errors)."""
+        path = self.files[self._file[index]]
         where = f"{path}:{self._line[index]}"
         with path.open("rb") as f:
             f.seek(int(self._offset[index]))
             line = f.readline()
         try:
-            doc = json.loads(line)
+            return json.loads(line), where
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{where}: not valid JSON ({e})") from None
-        if not isinstance(doc, dict) or not ("text" in doc or "messages" in doc):
-            raise DataError(f'{where}: expected {{"text": ...}} or {{"messages": [...]}}')
-        return doc
 
 
 def open_documents(paths: Sequence[str]) -> Sequence[dict[str, Any]]:

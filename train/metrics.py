@@ -12,11 +12,18 @@ per multiply-add and a backward pass costing twice the forward give the 6. Atten
 (P V) cost 2 * 2 * T * H * hd per token per layer forward, times 3 for forward + backward, which
 is 12 * L * H * hd * T, halved because a causal mask leaves half the (query, key) pairs.
 Only non-padding tokens count, so padding shows up as lost MFU.
+
+LoRA over a frozen base computes no weight gradients of the base, so its count is
+4 * N_matmul (forward, and the gradient of the activations) plus the same attention term; the
+adapters' own FLOPs (rank r: 6 * r * (in + out) per projection) are counted on top. A frozen
+model run forward in the step (DPO's reference, a distillation teacher) adds its forward:
+2 * N_matmul + 2 * L * H * hd * T of that model.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -30,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from llama_jax.config import LlamaConfig
+from llama_jax.lora import LoraConfig, adapter_shapes
 
 # Dense bf16 peak FLOP/s per device (chip), from vendor data sheets, by `device_kind`. The kinds
 # are what the runtime reports, which is not the product name: v5p reports "TPU v5", v5e
@@ -46,10 +54,28 @@ PEAK_FLOPS = {
 }
 
 
-def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * N_matmul + 6 * L * H * hd * T (causal attention)."""
+def flops_per_token(
+    config: LlamaConfig,
+    seq_len: int,
+    lora: LoraConfig | None = None,
+    frozen_forwards: Sequence[LlamaConfig] = (),
+) -> float:
+    """Training FLOPs per token: 6 * N_matmul + 6 * L * H * hd * T (causal attention); with
+    `lora`, 4 * N_matmul + 6 * N_adapters + the same attention term; plus, for each frozen
+    model the step runs forward (a DPO reference, a teacher), 2 * N_matmul + 2 * L * H * hd * T
+    of that model."""
     attention = 6 * config.n_layers * config.n_heads * config.head_dim * seq_len
-    return float(6 * config.matmul_params() + attention)
+    if lora is None:
+        total = 6 * config.matmul_params() + attention
+    else:
+        adapters = sum(math.prod(s.shape) for s in jax.tree.leaves(adapter_shapes(config, lora)))
+        total = 4 * config.matmul_params() + 6 * adapters + attention
+    for other in frozen_forwards:
+        total += (
+            2 * other.matmul_params()
+            + 2 * other.n_layers * other.n_heads * other.head_dim * seq_len
+        )
+    return float(total)
 
 
 def measure_peak_flops(devices: Sequence[Any], dtype: str, size: int = 512) -> float:

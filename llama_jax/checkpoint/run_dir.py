@@ -1,8 +1,10 @@
 """Reading a training run's directory: the model config and parameters of one saved step.
 
 A run directory holds `checkpoints/<step>/`, one Orbax item per entry of `ITEMS` (the training
-package writes them: see `train.checkpoint`). Only `model_config` and `params` are read here, so
-`llama_jax.load(run_dir)` needs nothing from the training package.
+package writes them: see `train.checkpoint`). Only `model_config`, `params` and `run` are read
+here, so `llama_jax.load(run_dir)` needs nothing from the training package. A LoRA run's
+`params` are its adapters; its `run` item says where the frozen base comes from (`LORA_INFO`),
+and loading merges the adapters into that base.
 """
 
 from __future__ import annotations
@@ -13,14 +15,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llama_jax import lora
 from llama_jax.checkpoint.errors import CheckpointError
 from llama_jax.checkpoint.placement import ShardingsLike, resolve_shardings
 from llama_jax.config import LlamaConfig
-from llama_jax.model import Params, param_shapes
+from llama_jax.model import Params, init_params, param_shapes
 from llama_jax.partitioning import placed_shapes
 
 CHECKPOINTS = "checkpoints"
 ITEMS = ("params", "opt_state", "progress", "data", "model_config", "run")
+# Key of the `run` item that marks a LoRA run: the adapters' `LoraConfig.to_dict()` plus
+# `base` (the base checkpoint's path, None for fresh weights) and `seed` (those weights' seed).
+LORA_INFO = "lora"
 
 
 def checkpoint_root(path: Path) -> tuple[Path, int | None]:
@@ -87,14 +96,59 @@ def load_run_params(
 ) -> tuple[LlamaConfig, Params]:
     """(model config, float32 params) of a run's latest checkpoint (or of the step directory
     given), restored straight into `shardings` (as `llama_jax.load` takes them; default: the
-    first device)."""
+    first device). A LoRA run gives its base with the adapters merged."""
     import orbax.checkpoint as ocp
 
     manager, step = _open(path)
     with manager:
         config = _read_config(manager, step)
-        target = placed_shapes(param_shapes(config), resolve_shardings(config, shardings))
+        placed = resolve_shardings(config, shardings)
+        info = _run_item(manager, step).get(LORA_INFO)
+        if info is not None:
+            return config, _merged_lora_run(manager, step, config, info, placed)
+        target = placed_shapes(param_shapes(config), placed)
         restored = manager.restore(
             step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
         )
     return config, restored["params"]
+
+
+def _run_item(manager: Any, step: int) -> dict[str, Any]:
+    """The step's `run` item (a checkpoint written without one reads as empty)."""
+    import orbax.checkpoint as ocp
+
+    try:
+        run = manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+    except KeyError:  # Orbax: the item is not in this checkpoint
+        return {}
+    return run or {}
+
+
+def _merged_lora_run(
+    manager: Any, step: int, config: LlamaConfig, info: dict[str, Any], placed: Any
+) -> Params:
+    """A LoRA run's adapters merged into its base (read from where the run read it, in float32,
+    or made again from the run's seed)."""
+    import orbax.checkpoint as ocp
+
+    from llama_jax.checkpoint.load import load_params  # load reads run directories through here
+
+    settings = lora.LoraConfig.from_dict(info)
+    if info.get("base"):
+        base = load_params(info["base"], "float32", placed)[1]
+    else:
+        base = jax.jit(lambda: init_params(config, int(info["seed"])), out_shardings=placed)()
+    sharding = jax.tree.leaves(base)[0].sharding
+    replicated = (
+        NamedSharding(sharding.mesh, PartitionSpec())
+        if isinstance(sharding, NamedSharding)
+        else sharding
+    )
+    shapes = lora.adapter_shapes(config, settings)
+    target = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes
+    )
+    adapters = manager.restore(
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+    )["params"]
+    return jax.jit(lambda b, a: lora.merge(b, a, settings))(base, adapters)
