@@ -13,11 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 
-class AccessLog:
-    """ASGI middleware calling `write(line)` once per finished HTTP request."""
+class ResponseEnd:
+    """ASGI middleware calling `ended(scope, status, seconds)` once per finished HTTP request
+    (the access log and the metrics both count requests this way)."""
 
-    def __init__(self, app: Any, write: Callable[[str], None]) -> None:
-        self.app, self.write = app, write
+    def __init__(self, app: Any, ended: Callable[[dict, int, float], None]) -> None:
+        self.app, self.ended = app, ended
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -34,7 +35,14 @@ class AccessLog:
         try:
             await self.app(scope, receive, watched_send)
         finally:
-            self.write(access_line(scope, status, time.perf_counter() - start))
+            self.ended(scope, status, time.perf_counter() - start)
+
+
+class AccessLog(ResponseEnd):
+    """ASGI middleware calling `write(line)` once per finished HTTP request."""
+
+    def __init__(self, app: Any, write: Callable[[str], None]) -> None:
+        super().__init__(app, lambda scope, status, s: write(access_line(scope, status, s)))
 
 
 def access_line(scope: dict, status: int, seconds: float) -> str:

@@ -239,6 +239,12 @@ class Scheduler:
         with self._lock:
             return len(self._waiting) + len(self._running)
 
+    @property
+    def running(self) -> int:
+        """Sequences holding a decode slot."""
+        with self._lock:
+            return len(self._running)
+
     # --- the driving thread ----------------------------------------------------------------
 
     def step(self) -> bool:

@@ -8,13 +8,16 @@ checkpoint) ends in one line on stderr, `llama_jax.infer: error: ...`, and exit 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
+import os
 import socket
 import sys
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn
 
 import uvicorn
@@ -24,6 +27,7 @@ from infer.access_log import AccessLog
 from infer.batching import Request, Scheduler, scheduler_for
 from infer.engine import DEFAULT_BLOCK_SIZE, EngineError, bucket
 from infer.generate import Completion
+from infer.ops import CANCEL_GRACE_S, Drain
 from infer.sampling import SamplingError, SamplingParams
 from infer.server import Limits, create_app
 from infer.tools import check_tools, may_be_tool_call, with_tools
@@ -121,6 +125,16 @@ def positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
     return value
 
 
@@ -485,6 +499,14 @@ def server_parser() -> Parser:
                    help="queued requests beyond the decode slots; more get 429 (default 64)")  # fmt: skip
     p.add_argument("--quiet", action="store_true",
                    help="no access-log line per request (the ready line is still printed)")  # fmt: skip
+    p.add_argument("--api-key", default=os.environ.get("LLAMA_JAX_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/ routes "
+                   "(default: $LLAMA_JAX_API_KEY; none: open)")  # fmt: skip
+    p.add_argument("--request-timeout", type=positive_seconds, metavar="SECONDS",
+                   help="cancel a request after this long and answer 408 (default: none)")  # fmt: skip
+    p.add_argument("--shutdown-timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM / Ctrl-C, how long requests in flight may take to finish "
+                   "before they are cancelled (default 30)")  # fmt: skip
     lockstep.add_args(p)
     return p
 
@@ -499,9 +521,13 @@ def serve(model: Model, args: argparse.Namespace, group: lockstep.Group | None =
             print(f"process {group.rank}: following process 0", file=sys.stderr, flush=True)
             return lockstep.follow(group, scheduler.engine)
         scheduler.engine = lockstep.LockstepEngine(group, scheduler.engine)
-    limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens or context)
+    limits = Limits(
+        max_body_bytes=args.max_body_bytes,
+        max_tokens=args.max_tokens or context,
+        request_timeout=args.request_timeout,
+    )
     name = args.model_name or (Path(args.checkpoint).name if args.checkpoint else args.preset)
-    app = create_app(scheduler, model_name=name, limits=limits)
+    app = create_app(scheduler, model_name=name, limits=limits, api_key=args.api_key)
     if not args.quiet:
         app.add_middleware(AccessLog, write=partial(print, flush=True))
     config = uvicorn.Config(
@@ -510,23 +536,46 @@ def serve(model: Model, args: argparse.Namespace, group: lockstep.Group | None =
         port=args.port,
         limit_concurrency=args.max_batch + args.max_waiting + 16,
         log_level="info" if args.verbose else "warning",
+        timeout_graceful_shutdown=CANCEL_GRACE_S,  # the drain has waited already
     )
     try:
-        AnnouncingServer(config, name).run()
+        AnnouncingServer(config, name, app.state.drain, args.shutdown_timeout).run()
     finally:
         if group is not None:
             group.stop()
 
 
 class AnnouncingServer(uvicorn.Server):
-    """uvicorn's server, printing one line once it accepts requests: where, and which model."""
+    """uvicorn's server, printing one line once it accepts requests: where, and which model.
 
-    def __init__(self, config: uvicorn.Config, model_name: str) -> None:
+    The first SIGTERM or Ctrl-C drains (`infer.ops.Drain`: new requests get 503 while the
+    ones in flight finish, for up to `shutdown_timeout` seconds) before uvicorn's own
+    shutdown; the process then exits 0. A second signal is uvicorn's (Ctrl-C forces)."""
+
+    def __init__(
+        self, config: uvicorn.Config, model_name: str, drain: Drain, shutdown_timeout: float
+    ) -> None:
         super().__init__(config)
-        self.model_name = model_name
+        self.model_name, self.drain, self.shutdown_timeout = model_name, drain, shutdown_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining: asyncio.Task | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._loop is None or self.drain.draining:
+            return super().handle_exit(sig, frame)
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self._draining is None:
+            self._draining = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        await self.drain.run(self.shutdown_timeout)
+        self.should_exit = True
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
+        self._loop = asyncio.get_running_loop()
         if self.started:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             print(

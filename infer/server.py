@@ -1,10 +1,13 @@
-"""OpenAI-compatible HTTP server: /v1/models, /v1/completions, /v1/chat/completions, /health.
+"""OpenAI-compatible HTTP server: /v1/models, /v1/completions, /v1/chat/completions, /health
+and /metrics (Prometheus).
 
 One scheduler thread runs continuous batching; request handlers submit to it and await their
 tokens through an asyncio queue fed from that thread. Everything a client can get wrong is a
-4xx with an OpenAI-style JSON error: invalid JSON or fields (400), unknown model (404), a body
-over `--max-body-bytes` (413), a full queue (429). A streaming client that disconnects has its
-request cancelled, which frees its decode slot at the next scheduler step.
+4xx with an OpenAI-style JSON error: invalid JSON or fields (400), a missing or wrong
+`--api-key` (401), unknown model (404), a request past `--request-timeout` (408; its
+generation is cancelled), a body over `--max-body-bytes` (413), a full queue (429); a server
+shutting down answers 503 (`infer.ops`). A streaming client that disconnects has its request
+cancelled, which frees its decode slot at the next scheduler step.
 
 `n` choices per prompt are `n` scheduler requests, numbered as OpenAI does: choice i of prompt
 j has index j * n + i.
@@ -29,8 +32,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from infer.access_log import ResponseEnd
 from infer.batching import Overloaded, Request, Scheduler
 from infer.engine import EngineError
+from infer.metrics import Metrics, TokenTimer
+from infer.ops import APIKey, Drain, DrainGate
 from infer.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -55,12 +61,22 @@ class Limits:
     max_body_bytes: int = 1 << 20
     max_tokens: int = 4096  # per request; also bounded by the context
     max_prompts: int = 16  # prompts in one /v1/completions request
+    request_timeout: float | None = None  # seconds from arrival; then cancelled with a 408
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.kind, code=self.code)
 
 
 Event = tuple[int, str, bool, int]  # (choice index, new text, finished, tokens so far)
@@ -78,13 +94,22 @@ def choice_seed(seed: int, choice: int) -> int:
 
 class Job:
     """The requests of one HTTP call (`n` per prompt, prompt-major) and the queue their
-    progress arrives on."""
+    progress arrives on. Past `timeout` seconds its requests are cancelled and waiting for
+    them raises a 408."""
 
-    def __init__(self, scheduler: Scheduler, n: int = 1) -> None:
-        self.scheduler, self.n = scheduler, n
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        n: int = 1,
+        *,
+        timeout: float | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.scheduler, self.n, self.timeout, self.metrics = scheduler, n, timeout, metrics
         self.requests: list[Request] = []
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
+        self._deadline = None if timeout is None else self._loop.time() + timeout
 
     def submit(self, prompts: list[list[int]], params: SamplingParams) -> None:
         """One request per (prompt, choice); without a seed each gets a random one (the
@@ -107,7 +132,11 @@ class Job:
             raise APIError(400, str(e)) from None
 
     def _listener(self, index: int) -> Callable[[Request, str], None]:
+        timer = TokenTimer(self.metrics) if self.metrics is not None else None
+
         def on_update(request: Request, piece: str) -> None:
+            if timer is not None:
+                timer(request)
             event = (index, piece, request.done.is_set(), len(request.token_ids))
             with contextlib.suppress(RuntimeError):  # the event loop has shut down
                 self._loop.call_soon_threadsafe(self.queue.put_nowait, event)
@@ -119,8 +148,9 @@ class Job:
         (checked while waiting) cancels the job."""
         remaining = len(self.requests)
         while remaining:
+            self._check_deadline()
             try:
-                event = await asyncio.wait_for(self.queue.get(), timeout=1.0)
+                event = await asyncio.wait_for(self.queue.get(), timeout=self._poll_s())
             except TimeoutError:
                 if http is not None and await http.is_disconnected():
                     self.cancel()
@@ -128,6 +158,18 @@ class Job:
                 continue
             remaining -= event[2]
             yield event
+
+    def _poll_s(self) -> float:
+        """How long to wait for an event before looking at the client and the deadline."""
+        if self._deadline is None:
+            return 1.0
+        return min(1.0, max(self._deadline - self._loop.time(), 0.0))
+
+    def _check_deadline(self) -> None:
+        if self._deadline is not None and self._loop.time() >= self._deadline:
+            self.cancel()
+            message = f"request timed out after {self.timeout:g}s"
+            raise APIError(408, message, "invalid_request_error", "request_timeout")
 
     async def wait(self, http: HTTPRequest) -> None:
         """Until every request is done (non-streaming); a failed generation is a 500."""
@@ -149,12 +191,18 @@ class Job:
 class API:
     """Request handling, independent of the FastAPI wiring in `create_app`."""
 
-    def __init__(self, scheduler: Scheduler, model_name: str, limits: Limits) -> None:
+    def __init__(
+        self, scheduler: Scheduler, model_name: str, limits: Limits, metrics: Metrics
+    ) -> None:
         self.scheduler, self.model_name, self.limits = scheduler, model_name, limits
+        self.metrics = metrics
         self.tokenizer = scheduler.tokenizer
         self.tokens = TokenText(self.tokenizer)
         self.context = scheduler.engine.max_len
         self.vocab_size = scheduler.engine.config.vocab_size
+
+    def _job(self, n: int) -> Job:
+        return Job(self.scheduler, n, timeout=self.limits.request_timeout, metrics=self.metrics)
 
     def _check(self, body: SamplingFields, max_tokens: int | None, default: int) -> int:
         if body.model not in (None, self.model_name):
@@ -185,7 +233,7 @@ class API:
         prompts = self._completion_prompts(body.prompt)
         top = body.logprobs or 0
         params = self._sampling(body, max_new, body.logprobs is not None, top)
-        job = http.state.job = Job(self.scheduler, body.n or 1)  # the access log reads its usage
+        job = http.state.job = self._job(body.n or 1)  # the access log reads its usage
         job.submit(prompts, params)
         rid, created = new_id("cmpl"), now()
 
@@ -249,7 +297,7 @@ class API:
         want_lp = bool(body.logprobs)
         params = self._sampling(body, max_new, want_lp, body.top_logprobs or 0 if want_lp else 0)
         n = body.n or 1
-        job = http.state.job = Job(self.scheduler, n)
+        job = http.state.job = self._job(n)
         job.submit([ids], params)
         rid, created = new_id("chatcmpl"), now()
 
@@ -310,12 +358,16 @@ class API:
 
 def sse(chunks: AsyncIterator[dict], job: Job) -> StreamingResponse:
     """Server-sent events ending in `[DONE]`; a disconnect (the stream is cancelled) cancels
-    the job's requests, freeing their slots."""
+    the job's requests, freeing their slots. An error once the stream has begun (a timeout)
+    is an OpenAI error event before the `[DONE]`, the status being sent already."""
 
     async def body() -> AsyncIterator[str]:
         try:
-            async for c in chunks:
-                yield f"data: {json.dumps(c)}\n\n"
+            try:
+                async for c in chunks:
+                    yield f"data: {json.dumps(c)}\n\n"
+            except APIError as e:
+                yield f"data: {json.dumps(e.body())}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()
@@ -353,9 +405,19 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
-def create_app(scheduler: Scheduler, *, model_name: str, limits: Limits = Limits()) -> FastAPI:
-    """The FastAPI app; the scheduler thread runs for the app's lifetime."""
-    api = API(scheduler, model_name, limits)
+def create_app(
+    scheduler: Scheduler,
+    *,
+    model_name: str,
+    limits: Limits = Limits(),
+    api_key: str | None = None,
+) -> FastAPI:
+    """The FastAPI app; the scheduler thread runs for the app's lifetime. With `api_key`, the
+    `/v1/` routes need it as a bearer token. `app.state.drain` refuses new requests and waits
+    for those in flight when the server shuts down (`Drain.run`)."""
+    metrics = Metrics(scheduler)
+    api = API(scheduler, model_name, limits, metrics)
+    drain = Drain()
     stop = threading.Event()
 
     @contextlib.asynccontextmanager
@@ -369,11 +431,16 @@ def create_app(scheduler: Scheduler, *, model_name: str, limits: Limits = Limits
         thread.join(timeout=10)
 
     app = FastAPI(title="llama-jax", lifespan=lifespan)
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.state.drain = drain
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)  # the innermost
+    if api_key:
+        app.add_middleware(APIKey, key=api_key)
+    app.add_middleware(DrainGate, drain=drain)
+    app.add_middleware(ResponseEnd, ended=metrics.request_ended)  # counts every answer
 
     @app.exception_handler(APIError)
     async def _api_error(_req, e: APIError):
-        return JSONResponse(error_body(e.message, e.kind), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_req, e: RequestValidationError):
@@ -397,12 +464,18 @@ def create_app(scheduler: Scheduler, *, model_name: str, limits: Limits = Limits
 
     @app.get("/health")
     async def health():
+        if drain.draining:  # load balancers stop sending here
+            return JSONResponse({"status": "draining", "model": model_name}, 503)
         return {
             "status": "ok",
             "model": model_name,
             "load": scheduler.load,
             "finished": dict(scheduler.finished),
         }
+
+    @app.get("/metrics")
+    async def prometheus():
+        return metrics.response()
 
     @app.get("/v1/models")
     async def models():

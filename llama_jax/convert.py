@@ -1,4 +1,6 @@
-"""Convert a checkpoint: `python -m llama_jax.convert SRC DST --to hf|meta|orbax [--dtype bf16]`.
+"""Convert a checkpoint: `python -m llama_jax.convert SRC DST --to hf|meta|orbax [--dtype bf16]`,
+or check one on disk: `python -m llama_jax.convert --verify DIR` (one line per problem and a
+summary; exit 1 when any is found).
 
 SRC is any directory `llama_jax.load` reads (layout detected). Meta/HF to Meta/HF conversion
 streams tensor by tensor from file to file without loading the model, so host memory stays near
@@ -29,6 +31,7 @@ from llama_jax.checkpoint.export import (
 from llama_jax.checkpoint.load import detect_layout, load, param_dtype
 from llama_jax.checkpoint.peft import merge_into
 from llama_jax.checkpoint.placement import progress_bar
+from llama_jax.checkpoint.verify import verify
 from llama_jax.config import ConfigError, LlamaConfig
 from llama_jax.tokenizer import find_tokenizer
 
@@ -44,9 +47,12 @@ def _size(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llama_jax.convert", description=__doc__)
-    p.add_argument("src", type=Path, help="Meta, Hugging Face, Orbax or training-run directory")
-    p.add_argument("dst", type=Path, help="output directory (must be new or empty)")
-    p.add_argument("--to", required=True, choices=("hf", "meta", "orbax"))
+    p.add_argument("src", type=Path, nargs="?",
+                   help="Meta, Hugging Face, Orbax or training-run directory")  # fmt: skip
+    p.add_argument("dst", type=Path, nargs="?", help="output directory (must be new or empty)")
+    p.add_argument("--to", choices=("hf", "meta", "orbax"))
+    p.add_argument("--verify", type=Path, metavar="DIR",
+                   help="check the checkpoint in DIR instead of converting")  # fmt: skip
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: as stored)")
     p.add_argument("--mp", type=int, default=1, help="model-parallel ranks of a Meta export")
     p.add_argument("--max-shard-size", type=_size, default=DEFAULT_SHARD_BYTES,
@@ -113,10 +119,27 @@ def convert(
     return export(model, dst, to, mp=mp, max_shard_bytes=max_shard_bytes)
 
 
+def _print_verified(path: Path) -> int:
+    """`--verify`: one line per problem, then a summary; 0 when there is none."""
+    kind, root, problems = verify(path)
+    for line in problems:
+        print(line)
+    found = f"{len(problems)} problem(s) found" if problems else "no problems found"
+    print(f"{root}: {kind} checkpoint, {found}")
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.verify is None and not (args.src and args.dst and args.to):
+        parser.error("SRC, DST and --to are required (or --verify DIR alone)")
+    if args.verify is not None and (args.src or args.dst or args.to):
+        parser.error("--verify DIR takes no SRC, DST or --to")
     platforms.skip_absent_tpu()
     try:
+        if args.verify is not None:
+            return _print_verified(args.verify)
         dst = convert(
             args.src,
             args.dst,

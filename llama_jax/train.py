@@ -3,7 +3,8 @@
 A run is a YAML config (a file, or a name from configs/) plus these flags, which override it;
 `--set section.key=value` overrides any other field. A checkpoint directory that already holds
 a checkpoint is resumed exactly; SIGTERM or Ctrl-C saves the step reached and stops (exit 143 or
-130), and rerunning the same command goes on from there.
+130), and rerunning the same command goes on from there. Silent data corruption found by
+--sdc-check-every exits 75, a hang caught by the watchdog 76.
 """
 
 from __future__ import annotations
@@ -106,6 +107,22 @@ FLAGS: dict[str, tuple[str, type, str]] = {
         "weight of the KL to the teacher; 1 - alpha weights the cross-entropy",
     ),
     "--log-every": ("log_every", int, "log metrics every N steps"),
+    "--bad-data": (
+        "data.bad_data",
+        str,
+        "an unreadable document (named FILE:LINE): fail stops the run, skip logs and counts it",
+    ),
+    "--sdc-check-every": (
+        "sdc_check_every",
+        int,
+        "every N steps, run the step again on other devices and compare replicas bitwise; "
+        "a mismatch exits 75 (0: off)",
+    ),
+    "--watchdog-multiple": (
+        "watchdog_multiple",
+        float,
+        "a step taking M times the median step time dumps all stacks and exits 76 (0: off)",
+    ),
     "--export-dir": ("export_dir", str, "write the final weights here (format: export_format)"),
     "--export-format": (
         "export_format",
@@ -204,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run(cfg)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return getattr(e, "exit_code", 1)
     return result.exit_code
 
 

@@ -22,7 +22,7 @@ from llama_jax.model import forward
 from sharding import place
 from sharding.mesh import make_mesh
 from sharding.rules import with_rules
-from train.data import DataConfig, DataError
+from train.data import SKIPPED, DataConfig, DataError
 from train.dpo import DPOConfig, completion_logps, dpo_objective, pair_losses, reference_logps
 from train.optim import OptimConfig, make_optimizer
 from train.preference import (
@@ -166,6 +166,18 @@ def test_missing_chosen_names_file_and_line(tmp_path):
     no_prompt = _write(tmp_path / "np.jsonl", [{"chosen": "a", "rejected": "b"}])
     with pytest.raises(DataError, match=rf"^{no_prompt}:1: no 'prompt' \(or 'messages'\)"):
         make_preference_dataset([str(no_prompt)], BYTES, cfg, seed=0)
+
+
+def test_bad_data_skip_passes_over_bad_pairs_and_counts_them(tmp_path):
+    path = _write(tmp_path / "pairs.jsonl", [PAIRS[0], {"prompt": "x", "rejected": "y"}, PAIRS[1]])
+    with path.open("a") as f:
+        f.write("{not json\n")
+    cfg = DataConfig(seq_len=64, batch=1, tokenizer="bytes", bad_data="skip")
+    before = SKIPPED.count
+    it = iter(make_preference_dataset([str(path)], BYTES, cfg, seed=0))
+    rows = [next(it) for _ in range(6)]
+    assert SKIPPED.count - before >= 2  # both bad lines met at least once
+    assert all(int(r["pair_ids"].max()) >= 1 for r in rows)  # every row holds good pairs
 
 
 def test_precomputed_reference_matches_the_frozen_copy(tmp_path):

@@ -9,6 +9,12 @@ A run directory holds `checkpoints/<step>/` with these items:
   model_config  JSON: `LlamaConfig.to_dict()`, so the params load without any flag
   run           JSON: the resolved training config and the tokenizer used
 
+Process 0 adds each step's checksum manifest (`llama_jax.checkpoint.integrity`): once every
+item is written, before Orbax renames the step into place, and completed once the step is
+committed. A resume takes the newest step that matches its manifest,
+reports each newer one in one line and moves it aside to `<step>.damaged`, so the run saves
+that step again. A save cut short at any point leaves no manifest, so it is never resumed.
+
 Arrays are restored onto whatever shardings the caller asks for, so a checkpoint written on one
 mesh resumes on another. Reading just the config and parameters of a step needs nothing from
 here: `llama_jax.checkpoint.run_dir` does it, and `llama_jax.load(run_dir)` uses it.
@@ -19,6 +25,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +34,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from llama_jax.checkpoint import integrity
+from llama_jax.checkpoint.errors import CheckpointError
 from llama_jax.checkpoint.run_dir import CHECKPOINTS, ITEMS
 from llama_jax.config import LlamaConfig
 from train.step import TrainState
 
 
 class RunCheckpointer:
-    """The Orbax `CheckpointManager` of one run directory."""
+    """The Orbax `CheckpointManager` of one run directory, and the manifests of its steps."""
 
     def __init__(self, run_dir: str | Path, *, keep: int):
         self.directory = Path(run_dir).resolve() / CHECKPOINTS
@@ -42,11 +51,31 @@ class RunCheckpointer:
             enable_async_checkpointing=True,
             create=True,
             cleanup_tmp_directories=True,  # a save cut short by kill -9 leaves a temporary dir
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._manifest_before_rename),
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        if jax.process_index() == 0 and not integrity.saved_steps(self.directory):
+            integrity.require_manifests(self.directory)
+        # One thread seals steps in order: it waits for Orbax's save, then completes the manifest.
+        self._sealer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-manifest")
+        self._sealing: tuple[int, Future[None]] | None = None
+        self._saving: int | None = None  # the step Orbax writes now (saves never overlap)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def resumable_step(self) -> int | None:
+        """The newest step that matches its manifest (None: no step saved yet). Each newer step
+        is reported in one line and moved aside, so this run saves that step again."""
+        good, damaged = integrity.newest_good_step(self.directory)
+        if damaged:
+            _sync_processes("llama_jax: damaged steps checked")
+            for step, line in damaged:
+                aside = _moved_aside(self.directory / str(step))
+                integrity.report(f"{line}; moved to {aside.name}, resuming from step {good}")
+            _sync_processes("llama_jax: damaged steps moved aside")
+            self.manager.reload()
+        return good
 
     def save(
         self,
@@ -59,9 +88,13 @@ class RunCheckpointer:
 
         The device arrays are copied before this returns, so the state may be donated to the
         next step right away; the data position is read now, before the iterator moves on.
+        The previous save and its manifest are waited for first (Orbax waits for that save
+        anyway).
         """
         step = int(state.step)
-        return self.manager.save(
+        self.wait()
+        self._saving = step
+        saved = self.manager.save(
             step,
             force=True,
             args=ocp.args.Composite(
@@ -73,6 +106,24 @@ class RunCheckpointer:
                 run=ocp.args.JsonSave(run_info),
             ),
         )
+        if saved:
+            self._sealing = (step, self._sealer.submit(self._seal, step))
+        return saved
+
+    def _manifest_before_rename(self) -> None:
+        """Orbax's hook once every item of the step is final, before its commit record and
+        rename: the manifest then appears with the step."""
+        if jax.process_index() == 0:
+            tmp = f"{self._saving}{ocp.path.atomicity.TMP_DIR_SUFFIX}"
+            integrity.write_manifest(self.directory / tmp, integrity.COMMIT_RECORD)
+
+    def _seal(self, step: int) -> None:
+        """Once Orbax has committed `step`, add its commit record to the manifest (on process
+        0, the one that renamed it). Saves never overlap a seal (`save` waits first), so `keep`
+        cannot delete the step meanwhile."""
+        self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            integrity.write_manifest(self.directory / str(step))
 
     def restore(self, step: int, target: TrainState, data_iter: Any) -> TrainState:
         """The train state of `step` onto `target`'s shardings (`ShapeDtypeStruct`s with
@@ -92,11 +143,46 @@ class RunCheckpointer:
         return TrainState(step_array, restored["params"], restored["opt_state"], rng)
 
     def wait(self) -> None:
-        """Block until every started save is on disk."""
+        """Block until every started save is on disk with its manifest; a save that failed (a
+        full disk, say) raises a one-line `CheckpointError` (a step cut short before its
+        manifest was in place is never resumed)."""
+        if self._sealing is not None:
+            (step, sealing), self._sealing = self._sealing, None
+            try:
+                sealing.result()
+            except Exception as e:
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.directory}: saving failed "
+                    f"({type(e).__name__}: {e})"
+                ) from e
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self._sealer.shutdown()
+            self.manager.close()
+
+
+def _sync_processes(name: str) -> None:
+    """Every process waits here for the others (nothing to wait for on one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _moved_aside(step_dir: Path) -> Path:
+    """Rename a damaged step to the first free `<step>.damaged[.N]` (process 0; Orbax ignores
+    names that are not numbers), kept for inspection rather than deleted."""
+    aside = step_dir.with_name(f"{step_dir.name}.damaged")
+    n = 1
+    while aside.exists():
+        aside, n = step_dir.with_name(f"{step_dir.name}.damaged.{n}"), n + 1
+    if jax.process_index() == 0:
+        step_dir.rename(aside)
+    return aside
 
 
 class StopWatch:

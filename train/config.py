@@ -77,7 +77,10 @@ class TrainConfig:
     training. `checkpoint_dir` is the run directory; it resumes when it holds a checkpoint. `export_dir` receives the final
     weights as `export_format`: "hf", "meta" or "orbax", or with LoRA "peft" (the adapter
     alone); "auto" is "peft" with LoRA, else "hf". `peak_tflops` is
-    one device's peak for MFU (0: look it up or measure it).
+    one device's peak for MFU (0: look it up or measure it). `sdc_check_every` N > 0 runs every
+    Nth step a second time on other devices and compares replicas (`train.sdc`; 0: off).
+    `watchdog_multiple` M > 0 ends a run whose step takes M times the median step time
+    (`train.watchdog`; 0: off).
     """
 
     model: str = "tiny"
@@ -105,6 +108,8 @@ class TrainConfig:
     export_format: str = "auto"
     log_every: int = 10
     peak_tflops: float = 0.0
+    sdc_check_every: int = 0
+    watchdog_multiple: float = 10.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -196,6 +201,9 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         raise TrainConfigError(
             f"objective {config.objective!r}: expected one of {', '.join(OBJECTIVES)}"
         )
+    for key in ("sdc_check_every", "watchdog_multiple"):
+        if getattr(config, key) < 0:
+            raise TrainConfigError(f"{key} {getattr(config, key)}: must be >= 0 (0: off)")
     return config
 
 

@@ -12,12 +12,20 @@ block-diagonal causal mask: attention never crosses a document, as in Llama 3's 
 
 Order is a function of the seed alone (grain's index shuffle, reseeded per epoch) and every data
 shard (the processes feeding one block of batch rows) reads its own slice of the documents. The pipeline's iterator state is saved in each checkpoint.
+
+A document that cannot be read (malformed JSON, invalid UTF-8, neither text nor messages) stops
+the run with its FILE:LINE (`bad_data: fail`), or with `bad_data: skip` becomes None, which
+grain's iterators pass over: the order stays a function of the seed and the iterator state a
+position, so a resumed run skips the same documents. Skips are logged once per bad line and
+counted in `SKIPPED` (the metrics' `skipped_documents`).
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +43,7 @@ TEXT_SUFFIXES = (".txt", ".text", ".md")
 Example = dict[str, np.ndarray]
 # Packed per-token features; `positions` and `segment_ids` come from the packer.
 PACKED_KEYS = ("tokens", "targets", "loss_mask")
+BAD_DATA = ("fail", "skip")
 
 
 class DataError(ValueError):
@@ -47,7 +56,9 @@ class DataConfig:
     `packing_bins` is how many rows are filled at once (0: one host batch). `read_threads` > 0
     reads and tokenizes documents in background threads, which pays off only when documents
     come from slow storage: otherwise the main thread keeps ahead of the device (the step is
-    dispatched asynchronously) and threads only add GIL contention."""
+    dispatched asynchronously) and threads only add GIL contention. `bad_data`: what an
+    unreadable document does, "fail" (stop the run, naming its FILE:LINE) or "skip" (see the
+    module docstring)."""
 
     paths: tuple[str, ...] = ()
     seq_len: int = 2048
@@ -56,6 +67,7 @@ class DataConfig:
     tokenizer: str = "llama3"
     packing_bins: int = 0
     read_threads: int = 0
+    bad_data: str = "fail"
 
 
 # --- documents -------------------------------------------------------------------------------
@@ -118,16 +130,21 @@ class DocumentSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.files[self._file[index]]
         if self._offset[index] < 0:
-            return {"text": path.read_text(encoding="utf-8")}
+            return {"text": _read_text(path)}
         doc, where = self.json_line(index)
         if not isinstance(doc, dict) or not ("text" in doc or "messages" in doc):
             raise DataError(f'{where}: expected {{"text": ...}} or {{"messages": [...]}}')
         return doc
 
+    def where(self, index: int) -> str:
+        """FILE:LINE of document `index` (FILE alone for a text file)."""
+        path = self.files[self._file[index]]
+        return f"{path}:{self._line[index]}" if self._offset[index] >= 0 else str(path)
+
     def json_line(self, index: int) -> tuple[Any, str]:
         """(the parsed JSONL line of document `index`, its FILE:LINE for errors)."""
         path = self.files[self._file[index]]
-        where = f"{path}:{self._line[index]}"
+        where = self.where(index)
         with path.open("rb") as f:
             f.seek(int(self._offset[index]))
             line = f.readline()
@@ -135,6 +152,17 @@ class DocumentSource:
             return json.loads(line), where
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{where}: not valid JSON ({e})") from None
+
+
+def _read_text(path: Path) -> str:
+    """A text file's contents; invalid UTF-8 is a DataError naming the line of the first bad
+    byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 def open_documents(paths: Sequence[str]) -> Sequence[dict[str, Any]]:
@@ -156,11 +184,15 @@ def tokenize_document(doc: dict[str, Any], tokenizer: Any, sft: bool) -> Example
     bodies and their closing eot/eom), and needs chat documents.
     """
     if "messages" in doc:
+        if not isinstance(doc["messages"], list):
+            raise DataError(f'"messages" must be a list, got {type(doc["messages"]).__name__}')
         ids, mask = encode_dialog_with_mask(tokenizer, doc["messages"])
         if not sft:
             mask = [1] * len(ids)
     elif sft:
         raise DataError('--sft: every document must be chat JSONL {"messages": [...]}')
+    elif not isinstance(doc["text"], str):
+        raise DataError(f'"text" must be a string, got {type(doc["text"]).__name__}')
     else:
         ids = tokenizer.encode(doc["text"], bos=True, eos=True)
         mask = [1] * len(ids)
@@ -170,6 +202,58 @@ def tokenize_document(doc: dict[str, Any], tokenizer: Any, sft: bool) -> Example
         "targets": ids_arr[1:],
         "loss_mask": np.asarray(mask[1:], np.float32),
     }
+
+
+class SkippedDocuments:
+    """The documents `bad_data: skip` dropped in this process: `count` of them in all (a bad
+    line met again in a later epoch counts again), each bad line logged once.
+
+    Process-wide (`SKIPPED`) because pipelines are built by code that knows nothing of it and
+    grain may read documents in its threads; the loop reports the count's increments."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, error: DataError) -> None:
+        with self._lock:
+            self.count += 1
+            new = str(error) not in self._seen
+            self._seen.add(str(error))
+        if new:
+            logging.getLogger(__name__).warning("skipping a bad document: %s", error)
+
+
+SKIPPED = SkippedDocuments()
+
+
+def _where(documents: Sequence[dict[str, Any]], index: int) -> str:
+    return documents.where(index) if isinstance(documents, DocumentSource) else f"document {index}"
+
+
+def read_example(
+    documents: Sequence[dict[str, Any]], index: int, tokenizer: Any, sft: bool, skip: bool
+) -> Example | None:
+    """Document `index` tokenized; an unreadable one raises a DataError naming its FILE:LINE,
+    or with `skip` is counted in `SKIPPED` and gives None."""
+    try:
+        return _tokenized(documents, index, tokenizer, sft)
+    except DataError as e:
+        if not skip:
+            raise
+        SKIPPED.add(e)
+        return None
+
+
+def _tokenized(
+    documents: Sequence[dict[str, Any]], index: int, tokenizer: Any, sft: bool
+) -> Example:
+    doc = documents[index]  # its errors name FILE:LINE already
+    try:
+        return tokenize_document(doc, tokenizer, sft)
+    except DataError as e:
+        raise DataError(f"{_where(documents, index)}: {e}") from None
 
 
 class SplitLong(grain.experimental.FlatMapTransform):
@@ -228,18 +312,21 @@ def make_dataset(
     arrays (a process feeds the rows of the global batch that its devices hold).
 
     Documents are split over shards first (shard i reads documents i, i+S, ...), then shuffled
-    with `seed` (a new permutation each epoch), tokenized, packed and batched.
+    with `seed` (a new permutation each epoch), read, tokenized, packed and batched.
     """
     if cfg.batch % shard_count:
         raise DataError(f"--batch {cfg.batch} is not divisible by the {shard_count} data shards")
     if len(documents) < shard_count:
         raise DataError(f"--data: {len(documents)} documents for {shard_count} data shards")
+    if cfg.bad_data not in BAD_DATA:
+        raise DataError(f"--bad-data {cfg.bad_data!r}: expected one of {', '.join(BAD_DATA)}")
     local_batch = cfg.batch // shard_count
-    docs = grain.MapDataset.source(documents)[shard_index::shard_count]
+    indices = grain.MapDataset.range(len(documents))[shard_index::shard_count]
+    skip = cfg.bad_data == "skip"
     examples = (
-        docs.shuffle(seed=seed)
+        indices.shuffle(seed=seed)
         .repeat()
-        .map(lambda doc: tokenize_document(doc, tokenizer, cfg.sft))
+        .map(lambda i: read_example(documents, i, tokenizer, cfg.sft, skip))
         .to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads))
     )
     rows = max(cfg.packing_bins, local_batch)

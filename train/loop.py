@@ -6,13 +6,16 @@ and data position), onto whatever mesh this run uses.
 
 Step metrics stay on device and are fetched every `log_every` steps and before every save, so the
 host never waits on the device in between; a non-finite loss or gradient found there stops the
-run before any checkpoint of it is written, leaving the last good one.
+run before any checkpoint of it is written, leaving the last good one. Optional checks stop a
+run that a faulty or hung device would corrupt or stall: `train.sdc` (exit 75) and
+`train.watchdog` (exit 76).
 """
 
 from __future__ import annotations
 
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -39,7 +42,7 @@ from sharding.place import batch_shardings, tree_shardings
 from sharding.rules import resolver, with_rules
 from train.checkpoint import RunCheckpointer, StopWatch
 from train.config import TrainConfig, TrainConfigError
-from train.data import DataError
+from train.data import SKIPPED, DataError
 from train.distill import DistillError, TopKDump, dump_teacher_topk, topk_manifest
 from train.metrics import MetricsLogger, flops_per_token, peak_flops_per_device
 from train.objectives import (
@@ -52,6 +55,7 @@ from train.objectives import (
     training_batches,
 )
 from train.optim import make_optimizer
+from train.sdc import SdcCheck, SilentDataCorruption, on_mesh
 from train.step import (
     BASE,
     Frozen,
@@ -62,13 +66,15 @@ from train.step import (
     init_train_state,
 )
 from train.tokenizers import load_tokenizer
+from train.watchdog import Watchdog
 
 
 class NonFiniteLoss(RuntimeError):
     """Loss or gradient norm became NaN/inf; the message names the step and the checkpoint kept."""
 
 
-# Errors that mean "fix the command or the files", reported as one line by the CLI.
+# Errors reported as one line by the CLI: "fix the command or the files" (exit 1), and silent
+# data corruption (its own `exit_code`: resume on other devices).
 USER_ERRORS = (
     TrainConfigError,
     DataError,
@@ -78,6 +84,7 @@ USER_ERRORS = (
     DistillError,
     NonFiniteLoss,
     FileNotFoundError,
+    SilentDataCorruption,
 )
 
 
@@ -133,7 +140,8 @@ def _run_info(cfg: TrainConfig, tokenizer: Any) -> dict[str, Any]:
 class Trainer:
     """A run ready to step: its mesh, model, state (fresh, imported or resumed), the frozen
     trees the objective reads (a LoRA base, a DPO reference, a teacher), data iterator (and
-    the teacher's top-K dump it is joined with, offline), compiled step and checkpointer."""
+    the teacher's top-K dump it is joined with, offline), compiled step and checkpointer, and
+    the silent-data-corruption check (None: off)."""
 
     cfg: TrainConfig
     mesh: jax.sharding.Mesh
@@ -148,18 +156,26 @@ class Trainer:
     tokenizer: Any
     resumed: bool
     flops_per_token: float
+    sdc: SdcCheck | None = None
 
     def place(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows -> global batch arrays sharded over the mesh."""
         return global_batch(local, self.cfg.data.batch, self.mesh, self.cfg.rules)
 
-    def step(self, step: int) -> dict[str, jax.Array]:
-        """Update `step` (1-based) on this process's next rows; the metrics stay on device."""
+    def step(self, step: int) -> dict[str, Any]:
+        """Update `step` (1-based) on this process's next rows; the metrics stay on device, but
+        for `skipped_documents` (bad documents this process passed over reading the rows; with
+        `read_threads` the documents read ahead in the background)."""
+        skipped = SKIPPED.count
         local = next(self.data_iter)
         if self.topk is not None:
             local |= self.topk.read(step, jax.process_index())
-        self.state, metrics = self.step_fn(self.state, self.place(local), self.frozen)
-        return metrics
+        args = (self.state, self.place(local), self.frozen)
+        if self.sdc is not None and self.sdc.due(step):
+            self.state, metrics = self.sdc.run(step, self.step_fn, *args)
+        else:
+            self.state, metrics = self.step_fn(*args)
+        return {**metrics, "skipped_documents": float(SKIPPED.count - skipped)}
 
     def final_params(self) -> Params:
         """The trained model's weights: the params, or the base with the adapters merged."""
@@ -210,7 +226,7 @@ def setup(cfg: TrainConfig, devices: list[Any] | None = None) -> Trainer:
     ckpt = None
     if cfg.checkpoint_dir:
         ckpt = RunCheckpointer(cfg.checkpoint_dir, keep=cfg.keep)
-    resume_step = ckpt.latest_step() if ckpt else None
+    resume_step = ckpt.resumable_step() if ckpt else None
     lora = cfg.lora.config()
 
     reference_pass_due = needs_reference_pass(cfg)
@@ -257,13 +273,10 @@ def setup(cfg: TrainConfig, devices: list[Any] | None = None) -> Trainer:
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
     objective = objective_for(cfg, policy, teacher)
     step = build_step(objective, optimizer, grad_accum=cfg.grad_accum)
-    step_fn = jax.jit(
-        with_rules(step, mesh, cfg.rules),
-        in_shardings=(shardings, batch_sharding, frozen_shardings),
-        out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-        donate_argnums=0,
-        compiler_options=train_step_options(mesh.devices.flat[0].platform),
+    compile_step = partial(
+        _jit_step, step, rules=cfg.rules, shardings=(shardings, batch_sharding, frozen_shardings)
     )
+    sdc = SdcCheck(cfg.sdc_check_every, mesh, compile_step) if cfg.sdc_check_every else None
     fpt = flops_per_token(
         model_config, cfg.data.seq_len, lora, frozen_forwards(cfg, policy, teacher)
     )
@@ -276,11 +289,24 @@ def setup(cfg: TrainConfig, devices: list[Any] | None = None) -> Trainer:
         frozen,
         data_iter,
         topk,
-        step_fn,
+        compile_step(mesh),
         ckpt,
         tokenizer,
         resume_step is not None,
         fpt,
+        sdc,
+    )
+
+
+def _jit_step(step: Any, mesh: jax.sharding.Mesh, rules: str, shardings: tuple) -> Any:
+    """`step` jitted on `mesh` with the (state, batch, frozen) shardings' specs, the state
+    donated; a function of the mesh so the SDC check compiles it again on other devices."""
+    return jax.jit(
+        with_rules(step, mesh, rules),
+        in_shardings=on_mesh(shardings, mesh),
+        out_shardings=(on_mesh(shardings[0], mesh), NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+        compiler_options=train_step_options(mesh.devices.flat[0].platform),
     )
 
 
@@ -384,21 +410,26 @@ def _logger(t: Trainer) -> MetricsLogger:
 def train(t: Trainer) -> RunResult:
     """The step loop: metrics fetched every `log_every` steps and before each save; saves every
     `save_every` steps, at the end and on SIGTERM or Ctrl-C (then stop). Throughput is wall time
-    between fetches, so it includes input processing and the blocking part of checkpoint saves."""
+    between fetches, so it includes input processing and the blocking part of checkpoint saves.
+    A step far slower than usual ends the process (`train.watchdog`)."""
     cfg, ckpt = t.cfg, t.ckpt
     logger = _logger(t)
     watch = StopWatch()
+    watchdog = Watchdog(cfg.watchdog_multiple) if cfg.watchdog_multiple > 0 else None
     pending: list[dict[str, jax.Array]] = []
     last: dict[str, float] = {}
     timer = time.perf_counter()
     compiled = stopping = False
     try:
         for done in range(int(t.state.step) + 1, cfg.steps + 1):
-            pending.append(t.step(done))
+            with _paused(watchdog, t.sdc is not None and t.sdc.due(done)):
+                pending.append(t.step(done))
             stopping = watch.reached(done, ckpt.manager if ckpt else None)
             save = ckpt is not None and (done % cfg.save_every == 0 or done == cfg.steps)
             if not compiled or save or stopping or done % cfg.log_every == 0 or done == cfg.steps:
                 records = _check_finite(jax.device_get(pending), done - len(pending) + 1, ckpt)
+                if watchdog is not None:
+                    watchdog.progress(len(records))
                 now = time.perf_counter()
                 seconds = now - timer if compiled else None
                 last = logger.log(done - len(records) + 1, records, seconds)
@@ -407,7 +438,8 @@ def train(t: Trainer) -> RunResult:
                 compiled, pending = True, []
                 timer = now
             if ckpt is not None and (save or stopping):
-                ckpt.save(t.state, t.data_iter, t.model_config, _run_info(cfg, t.tokenizer))
+                with _paused(watchdog):
+                    ckpt.save(t.state, t.data_iter, t.model_config, _run_info(cfg, t.tokenizer))
             if stopping:
                 saved = (
                     f"saved step {done}; rerun the same command to resume" if ckpt else "stopped"
@@ -419,7 +451,14 @@ def train(t: Trainer) -> RunResult:
     finally:
         watch.close()
         logger.close()
+        if watchdog is not None:
+            watchdog.close()
     return RunResult(t.state, t.model_config, last, watch.signal if stopping else None)
+
+
+def _paused(watchdog: Watchdog | None, pause: bool = True) -> Any:
+    """`watchdog.paused()` around work that is not an ordinary step, else nothing."""
+    return watchdog.paused() if watchdog is not None and pause else nullcontext()
 
 
 def _summary(t: Trainer, last: dict[str, float], tps: float | None) -> str:

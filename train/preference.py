@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.chat import encode_dialog, encode_dialog_with_mask
-from train.data import JSONL_SUFFIXES, DataConfig, DataError, DocumentSource, Example
+from train.data import JSONL_SUFFIXES, SKIPPED, DataConfig, DataError, DocumentSource, Example
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 # Per-token features of a pair example; the packer adds segment ids and positions for `tokens`.
@@ -216,13 +216,22 @@ def make_preference_dataset(
         raise DataError(f"--data: {len(source)} preference pairs for {shard_count} data shards")
     with_ref = REF_KEYS[0] in source[0]
     local_batch = cfg.batch // shard_count
+    skip = cfg.bad_data == "skip"
 
-    def example(doc: dict[str, Any]) -> Example:
-        pair = tokenize_pair(doc, tokenizer)
-        return _checked_ref(pair_example(pair, cfg.seq_len), with_ref, pair["where"])
+    def example(index: int) -> Example | None:
+        """Pair `index` packed; a bad line raises, or with `bad_data: skip` is counted in
+        `SKIPPED` and gives None (which grain passes over), as `train.data` does."""
+        try:
+            pair = tokenize_pair(source[index], tokenizer)
+            return _checked_ref(pair_example(pair, cfg.seq_len), with_ref, pair["where"])
+        except DataError as e:
+            if not skip:
+                raise
+            SKIPPED.add(e)
+            return None
 
     examples = (
-        grain.MapDataset.source(source)[shard_index::shard_count]
+        grain.MapDataset.range(len(source))[shard_index::shard_count]
         .shuffle(seed=seed)
         .repeat()
         .map(example)

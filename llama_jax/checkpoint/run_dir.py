@@ -5,6 +5,9 @@ package writes them: see `train.checkpoint`). Only `model_config`, `params` and 
 here, so `llama_jax.load(run_dir)` needs nothing from the training package. A LoRA run's
 `params` are its adapters; its `run` item says where the frozen base comes from (`LORA_INFO`),
 and loading merges the adapters into that base.
+
+The step read is the newest that matches its checksum manifest (`integrity`); each newer one is
+reported in one line and skipped. A step directory given explicitly must match its own.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax import lora
+from llama_jax.checkpoint import integrity
 from llama_jax.checkpoint.errors import CheckpointError
 from llama_jax.checkpoint.placement import ShardingsLike, resolve_shardings
 from llama_jax.config import LlamaConfig
@@ -42,23 +46,33 @@ def checkpoint_root(path: Path) -> tuple[Path, int | None]:
     return path, None
 
 
+def _good_step(root: Path, step: int | None) -> int | None:
+    """`step` if it matches its manifest, or (None) the newest step that does."""
+    if step is not None:
+        integrity.check_step(root / str(step))
+        return step
+    good, damaged = integrity.newest_good_step(root)
+    for _, line in damaged:
+        integrity.report(f"{line}; reading step {good}")
+    return good
+
+
 def _open(path: str | Path) -> tuple[Any, int]:
     """A read-only Orbax manager on `path` and the step to read. Orbax is imported here, on
     first use, for the reason `orbax_io` gives."""
     import orbax.checkpoint as ocp
 
     root, step = checkpoint_root(Path(path).resolve())
+    step = _good_step(root, step)
+    if step is None:
+        raise CheckpointError(
+            f"{path}: no training checkpoint found (expected {CHECKPOINTS}/<step>/)"
+        )
     # Options a read-only manager would otherwise "correct" with a warning each; and its
     # "Given directory is read only" warning, which is not true: only this reader is.
     options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
     with _absl_warning_dropped("Given directory is read only"):
         manager = ocp.CheckpointManager(root, options=options, item_names=ITEMS)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        manager.close()
-        raise CheckpointError(
-            f"{path}: no training checkpoint found (expected {CHECKPOINTS}/<step>/)"
-        )
     return manager, step
 
 
