@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from synthetic import arithmetic_jsonl
 from test_train import ROOT, STEPS, _settings
 
 from llama_jax.api import Model
@@ -31,7 +32,6 @@ from llama_jax.convert import main as convert_main
 from llama_jax.model import init_params
 from train.checkpoint import RunCheckpointer
 from train.config import load_config
-from train.corpus import documents
 from train.loop import run
 
 SAVE_EVERY = 5  # steps 5, 10, 15 and 20 are saved, and all are kept
@@ -43,9 +43,7 @@ def _run_settings(corpus: Path, run_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "arithmetic.jsonl"
-    path.write_text("".join(json.dumps(d) + "\n" for d in documents(3000, seed=0)))
-    return path
+    return arithmetic_jsonl(tmp_path_factory.mktemp("data") / "arithmetic.jsonl", 3000)
 
 
 @pytest.fixture(scope="module")

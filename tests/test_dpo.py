@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from synthetic import rule_pairs
 
 import llama_jax as lj
 from llama_jax.config import ConfigError
@@ -353,18 +354,6 @@ def test_loss_and_gradient_match_trl(tmp_path, loss, smoothing):
 # --- training --------------------------------------------------------------------------------
 
 
-def _rule_pairs(n: int, seed: int) -> list[dict[str, str]]:
-    """Prompt: four letters and ':'; chosen repeats the last letter, rejected is another."""
-    rng = np.random.default_rng(seed)
-    letters = np.array(list("abcdefgh"))
-    out = []
-    for _ in range(n):
-        word = "".join(rng.choice(letters, 4))
-        wrong = rng.choice([x for x in letters if x != word[-1]])
-        out.append({"prompt": word + ":", "chosen": word[-1], "rejected": str(wrong)})
-    return out
-
-
 def test_lora_dpo_learns_the_preferred_rule(tmp_path):
     lora = LoraConfig(rank=8, alpha=16)
     policy = Policy(CONFIG, lora)
@@ -376,10 +365,10 @@ def test_lora_dpo_learns_the_preferred_rule(tmp_path):
     cfg = DataConfig(seq_len=64, batch=8, tokenizer="bytes")
     train = iter(
         make_preference_dataset(
-            [str(_write(tmp_path / "train.jsonl", _rule_pairs(512, 0)))], BYTES, cfg, seed=0
+            [str(_write(tmp_path / "train.jsonl", rule_pairs(512, 0)))], BYTES, cfg, seed=0
         )
     )
-    held_out = _batch(_write(tmp_path / "test.jsonl", _rule_pairs(64, 1)), 64, 8)  # fmt: skip
+    held_out = _batch(_write(tmp_path / "test.jsonl", rule_pairs(64, 1)), 64, 8)  # fmt: skip
 
     def evaluate(adapters) -> tuple[float, float]:
         parts = jax.jit(objective)(adapters, frozen, held_out, None)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
+from synthetic import arithmetic_jsonl
 
 from llama_jax.checkpoint.load import load
 from llama_jax.checkpoint.peft import load_peft
@@ -23,7 +24,6 @@ from llama_jax.train import main as train_main
 from sharding.mesh import make_mesh
 from sharding.place import tree_shardings
 from train.config import load_config
-from train.corpus import documents
 from train.loop import run
 from train.optim import OptimConfig, make_optimizer
 from train.step import Policy, abstract_train_state, build_step, init_train_state, lm_objective
@@ -34,9 +34,7 @@ LORA = LoraConfig(rank=4, alpha=8.0)
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "arithmetic.jsonl"
-    path.write_text("".join(json.dumps(d) + "\n" for d in documents(2000, seed=0)))
-    return path
+    return arithmetic_jsonl(tmp_path_factory.mktemp("data") / "arithmetic.jsonl", 2000)
 
 
 def _settings(corpus: Path, **overrides) -> dict:

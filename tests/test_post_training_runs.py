@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from synthetic import arithmetic_jsonl, rule_pairs
 
 from llama_jax.train import main as train_main
 from train.config import load_config
-from train.corpus import documents
 from train.loop import run
 
 
@@ -42,23 +42,13 @@ def _config(path: Path, **settings) -> Path:
 
 
 def _pairs(path: Path, n: int = 256) -> Path:
-    """Prompt: four letters and ':'; chosen repeats the last letter, rejected is another."""
-    rng = np.random.default_rng(0)
-    letters = list("abcdefgh")
-    lines = []
-    for _ in range(n):
-        word = "".join(rng.choice(letters, 4))
-        wrong = rng.choice([x for x in letters if x != word[-1]])
-        lines.append({"prompt": word + ":", "chosen": word[-1], "rejected": str(wrong)})
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    path.write_text("".join(json.dumps(line) + "\n" for line in rule_pairs(n, 0)))
     return path
 
 
 @pytest.fixture(scope="module")
 def arithmetic(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "arithmetic.jsonl"
-    path.write_text("".join(json.dumps(d) + "\n" for d in documents(1000, seed=0)))
-    return path
+    return arithmetic_jsonl(tmp_path_factory.mktemp("data") / "arithmetic.jsonl", 1000)
 
 
 def test_dpo_with_a_frozen_copy_a_precomputed_pass_and_the_lora_base(tmp_path):

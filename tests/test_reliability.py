@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
+from synthetic import arithmetic_jsonl
 
 from llama_jax.tokenizer import ByteTokenizer
 from llama_jax.train import main
@@ -53,9 +54,7 @@ def _settings(paths: list[Path], **overrides) -> dict:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "arithmetic.jsonl"
-    path.write_text("".join(json.dumps(d) + "\n" for d in documents(2000, seed=0)))
-    return path
+    return arithmetic_jsonl(tmp_path_factory.mktemp("data") / "arithmetic.jsonl", 2000)
 
 
 def _bumped(x: jax.Array, device: jax.Device) -> jax.Array:

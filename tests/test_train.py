@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
+from synthetic import arithmetic_jsonl
 
 from llama_jax.checkpoint.load import load
 from llama_jax.checkpoint.run_dir import load_run_params
@@ -29,7 +30,6 @@ from llama_jax.tokenizer import ByteTokenizer
 from llama_jax.train import FLAGS, parse_args, parser
 from llama_jax.xla_cpu import train_step_options
 from train.config import TrainConfigError, load_config
-from train.corpus import documents
 from train.data import pack_examples, tokenize_document
 from train.loop import NonFiniteLoss, run
 from train.metrics import flops_per_token, peak_flops_per_device
@@ -71,9 +71,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """The built-in corpus written out as JSONL (so the file reader is what runs)."""
-    path = tmp_path_factory.mktemp("data") / "arithmetic.jsonl"
-    path.write_text("".join(json.dumps(d) + "\n" for d in documents(3000, seed=0)))
-    return path
+    return arithmetic_jsonl(tmp_path_factory.mktemp("data") / "arithmetic.jsonl", 3000)
 
 
 @pytest.fixture(scope="module")

@@ -299,6 +299,14 @@ def pack_examples(
     return packed.map(_as_batch)
 
 
+def check_shards(cfg: DataConfig, items: int, what: str, shard_count: int) -> None:
+    """The global batch must split evenly over the data shards, each of which needs an item."""
+    if cfg.batch % shard_count:
+        raise DataError(f"--batch {cfg.batch} is not divisible by the {shard_count} data shards")
+    if items < shard_count:
+        raise DataError(f"--data: {items} {what} for {shard_count} data shards")
+
+
 def make_dataset(
     documents: Sequence[dict[str, Any]],
     tokenizer: Any,
@@ -314,10 +322,7 @@ def make_dataset(
     Documents are split over shards first (shard i reads documents i, i+S, ...), then shuffled
     with `seed` (a new permutation each epoch), read, tokenized, packed and batched.
     """
-    if cfg.batch % shard_count:
-        raise DataError(f"--batch {cfg.batch} is not divisible by the {shard_count} data shards")
-    if len(documents) < shard_count:
-        raise DataError(f"--data: {len(documents)} documents for {shard_count} data shards")
+    check_shards(cfg, len(documents), "documents", shard_count)
     if cfg.bad_data not in BAD_DATA:
         raise DataError(f"--bad-data {cfg.bad_data!r}: expected one of {', '.join(BAD_DATA)}")
     local_batch = cfg.batch // shard_count

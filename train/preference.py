@@ -29,7 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.chat import encode_dialog, encode_dialog_with_mask
-from train.data import JSONL_SUFFIXES, SKIPPED, DataConfig, DataError, DocumentSource, Example
+from train.data import (
+    JSONL_SUFFIXES,
+    SKIPPED,
+    DataConfig,
+    DataError,
+    DocumentSource,
+    Example,
+    check_shards,
+)
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 # Per-token features of a pair example; the packer adds segment ids and positions for `tokens`.
@@ -209,11 +217,8 @@ def make_preference_dataset(
     dict of [batch // shard_count, seq_len] arrays. Mirrors `train.data.make_dataset`: lines
     split over shards, shuffled per epoch with `seed`, tokenized, first-fit packed, batched;
     the iterator is a grain dataset, so its state checkpoints and resumes exactly."""
-    if cfg.batch % shard_count:
-        raise DataError(f"--batch {cfg.batch} is not divisible by the {shard_count} data shards")
     source = PreferenceSource(paths)
-    if len(source) < shard_count:
-        raise DataError(f"--data: {len(source)} preference pairs for {shard_count} data shards")
+    check_shards(cfg, len(source), "preference pairs", shard_count)
     with_ref = REF_KEYS[0] in source[0]
     local_batch = cfg.batch // shard_count
     skip = cfg.bad_data == "skip"
