@@ -38,7 +38,7 @@ from llama_jax.checkpoint.errors import CheckpointError
 from llama_jax.checkpoint.load import load
 from llama_jax.checkpoint.peft import merge_into
 from llama_jax.config import ConfigError, preset
-from llama_jax.tokenizer import open_tokenizer
+from llama_jax.tokenizer import BYTE_TOKENIZER, ByteTokenizer, open_tokenizer
 from llama_jax.tokenizer_base import TokenizerError
 from sharding.mesh import ShardingError, make_mesh
 from sharding.place import place
@@ -49,6 +49,19 @@ PROG = "llama_jax.infer"
 
 class CLIError(ValueError):
     """A user-facing error: printed as one line."""
+
+
+# What a command line can get wrong (flags, files, a checkpoint that does not fit): one line
+# naming it, no traceback.
+USER_ERRORS = (
+    CLIError,
+    EngineError,
+    CheckpointError,
+    ConfigError,
+    ShardingError,
+    TokenizerError,
+    OSError,
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -65,7 +78,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint directory (Meta, HF, Orbax or a train run)")
     src.add_argument("--preset", help="random weights of a preset config (for benchmarks)")
-    p.add_argument("--tokenizer", help="tokenizer file (default: the checkpoint's own)")
+    p.add_argument(
+        "--tokenizer",
+        help=f"tokenizer file, or {BYTE_TOKENIZER!r} for the byte-level one of small models "
+        "(default: the checkpoint's own)",
+    )
     p.add_argument("--mesh", help='device mesh, e.g. "tensor=4" or "data=2,tensor=4"')
     p.add_argument("--rules", default="infer_tp", help="sharding rule preset (default infer_tp)")
     p.add_argument("--dtype", help="cast parameters to float32 / bfloat16 / float16")
@@ -186,7 +203,11 @@ def load_model(args: argparse.Namespace) -> Model:
         model = merge_into(model, args.lora)
     if args.tokenizer:
         try:
-            model.tokenizer = open_tokenizer(args.tokenizer)
+            model.tokenizer = (
+                ByteTokenizer()
+                if args.tokenizer == BYTE_TOKENIZER
+                else open_tokenizer(args.tokenizer)
+            )
         except TokenizerError as e:
             raise CLIError(f"--tokenizer: {e}") from None
     return model
@@ -604,15 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sampling_from(args)  # bad sampling flags fail before a long checkpoint load
             model = load_model(args)
             run_chat(model, args) if args.chat else run_prompts(model, args)
-    except (
-        CLIError,
-        EngineError,
-        CheckpointError,
-        ConfigError,
-        ShardingError,
-        TokenizerError,
-        OSError,
-    ) as e:
+    except USER_ERRORS as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,11 +1,14 @@
 """`generate`: the function behind `Model.generate` (token ids or text in, tokens + text out).
 
 Prompts are run through the same `Scheduler` the server uses, so batch composition never
-changes a result: a ragged batch gives each prompt the tokens it would get alone.
+changes a result: a ragged batch gives each prompt the tokens it would get alone. `n`
+completions of a prompt are `n` requests seeded as the server seeds its choices
+(`choice_seed`), submitted together so that they share the prompt's full KV blocks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -13,16 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from infer.batching import Request, scheduler_for
+from infer.batching import Request, Scheduler, scheduler_for
 from infer.engine import bucket
 from infer.grammar import canonical_response_format
-from infer.sampling import SamplingParams
+from infer.sampling import SamplingParams, choice_params
 
 
 @dataclass
 class Completion:
     """One prompt's result. `token_ids` end with the stop token when one ended generation
-    (`finish_reason` "stop"); `text` never contains the stop token or stop string."""
+    (`finish_reason` "stop"); `text` never contains the stop token or stop string.
+    `cached_tokens` of the prompt came from the prefix cache, `prefilled_tokens` were computed
+    (recomputation after a preemption included)."""
 
     prompt_ids: list[int]
     token_ids: list[int]
@@ -31,6 +36,8 @@ class Completion:
     logprobs: list[float] | None
     top_logprobs: list[list[tuple[int, float]]] | None
     timings: dict[str, float]
+    cached_tokens: int = 0
+    prefilled_tokens: int = 0
 
     @classmethod
     def of(cls, request: Request) -> Completion:
@@ -43,6 +50,8 @@ class Completion:
             logprobs=request.logprobs if asked else None,
             top_logprobs=request.top_logprobs if request.params.top_logprobs else None,
             timings=request.timings.as_dict(len(request.token_ids)),
+            cached_tokens=request.cached_tokens,
+            prefilled_tokens=request.prefilled_tokens,
         )
 
 
@@ -70,35 +79,78 @@ def encode_prompts(prompts: Any, tokenizer: Any) -> tuple[list[list[int]], bool]
     return [one(p) for p in prompts], False
 
 
+def _check_n(n: Any) -> None:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+
+
+def complete(
+    scheduler: Scheduler,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    n: int = 1,
+    seeds: Sequence[int] | None = None,
+) -> list[list[Completion]]:
+    """`n` completions of each prompt (token ids) through `scheduler`, per prompt, choice i
+    seeded by `choice_seed(seed, i)` where `seed` is the prompt's of `seeds` (one per prompt)
+    or else `params.seed`. A prompt's `n` requests are queued one after the other, so the
+    later ones find its full KV blocks in the prefix cache and compute only its last partial
+    block (at least one token)."""
+    _check_n(n)
+    per_prompt = [params] * len(prompts)
+    if seeds is not None:
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        per_prompt = [dataclasses.replace(params, seed=int(s)) for s in seeds]
+    requests = [
+        scheduler.submit(p, choice)
+        for p, one in zip(prompts, per_prompt, strict=True)
+        for choice in choice_params(one, n)
+    ]
+    scheduler.run_until_done(requests)
+    out = [Completion.of(r) for r in requests]
+    return [out[i : i + n] for i in range(0, len(out), n)]
+
+
 def generate(
     model: Any,
     prompts: Any,
     *,
+    n: int = 1,
+    seeds: Sequence[int] | None = None,
     max_batch: int = 16,
     max_len: int | None = None,
     steps_per_call: int = 1,
     **sampling: Any,
-) -> Completion | list[Completion]:
+) -> Completion | list[Completion] | list[list[Completion]]:
     """Generate for one prompt (text or token ids) or a list of them.
 
     Sampling keywords are those of `SamplingParams` (greedy by default; `stop` may be one
     string or several; `response_format` the OpenAI dict). `max_batch` bounds the decode
     slots; `max_len` the context (default: what the longest prompt plus `max_new_tokens`
     needs, rounded up to a power of two).
+
+    With `n` = 1 the result is a `Completion` for one prompt, a list of them for a list. With
+    `n` > 1 each prompt has `n` completions: a list of `n` for one prompt, a list (per prompt)
+    of such lists for a list. Seeded, completion i of every prompt uses
+    `choice_seed(seed, i)`: it equals the same prompt generated alone with that seed and
+    `n=1`, and completion 0 keeps `seed`. `seeds` gives each prompt its own seed instead (a
+    list of prompts drawing independently, as GRPO's rounds do).
     """
     if isinstance(sampling.get("response_format"), Mapping):
         sampling["response_format"] = canonical_response_format(sampling["response_format"])
     params = SamplingParams(**sampling)
+    _check_n(n)  # before it sizes the scheduler
     ids, single = encode_prompts(prompts, model.tokenizer)
     needed = max(map(len, ids)) + params.max_new_tokens
     scheduler = scheduler_for(
         model,
-        slots=bucket(len(ids), 1, max_batch),
+        slots=bucket(len(ids) * n, 1, max_batch),
         max_len=max_len or bucket(needed, 64, model.config.max_seq_len),
-        max_waiting=len(ids),
+        max_waiting=len(ids) * n,
         steps_per_call=steps_per_call,
     )
-    requests = [scheduler.submit(p, params) for p in ids]
-    scheduler.run_until_done(requests)
-    out = [Completion.of(r) for r in requests]
+    out = complete(scheduler, ids, params, n, seeds)
+    if n == 1:
+        out = [choices[0] for choices in out]
     return out[0] if single else out

@@ -14,6 +14,8 @@ CPU: sorting, `argmax`'s paired reduction, and threefry random bits.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -147,6 +149,25 @@ def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
     if len({t for t, _ in out}) != len(out):
         raise SamplingError("logit_bias", "has a token id more than once")
     return out
+
+
+def choice_seed(seed: int, choice: int) -> int:
+    """The seed of choice `choice` of a request seeded with `seed`. Choice 0 keeps the seed, so
+    `n=1` samples as before; the others hash (seed, choice), so seeded choices repeat exactly
+    yet differ from each other (one shared seed would make all n the same text)."""
+    if choice == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}/{choice}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """The settings of the `n` choices of one request (the server's `n`, `generate`'s `n`):
+    seeded, choice i gets `choice_seed(seed, i)`; unseeded, all share `params` and the
+    scheduler gives each its own random seed."""
+    if params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=choice_seed(params.seed, i)) for i in range(n)]
 
 
 class SlotParams(NamedTuple):

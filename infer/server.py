@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import hashlib
 import json
 import logging
 import threading
@@ -47,7 +45,7 @@ from infer.protocol import (
     now,
     usage,
 )
-from infer.sampling import SamplingError, SamplingParams
+from infer.sampling import SamplingError, SamplingParams, choice_params
 from infer.tools import check_tools, may_be_tool_call, with_tools
 from llama_jax.chat import encode_dialog, parse_assistant
 
@@ -82,16 +80,6 @@ class APIError(Exception):
 Event = tuple[int, str, bool, int]  # (choice index, new text, finished, tokens so far)
 
 
-def choice_seed(seed: int, choice: int) -> int:
-    """The seed of choice `choice` of a request seeded with `seed`. Choice 0 keeps the seed, so
-    `n=1` samples as before; the others hash (seed, choice), so seeded choices repeat exactly
-    yet differ from each other (one shared seed would make all n the same text)."""
-    if choice == 0:
-        return seed
-    digest = hashlib.blake2b(f"{seed}/{choice}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little")
-
-
 class Job:
     """The requests of one HTTP call (`n` per prompt, prompt-major) and the queue their
     progress arrives on. Past `timeout` seconds its requests are cancelled and waiting for
@@ -114,11 +102,7 @@ class Job:
     def submit(self, prompts: list[list[int]], params: SamplingParams) -> None:
         """One request per (prompt, choice); without a seed each gets a random one (the
         scheduler's default)."""
-        choices = [params] * self.n
-        if params.seed is not None:
-            choices = [
-                dataclasses.replace(params, seed=choice_seed(params.seed, i)) for i in range(self.n)
-            ]
+        choices = choice_params(params, self.n)
         try:
             for ids in prompts:
                 for choice in choices:

@@ -63,8 +63,13 @@ class LlamaConfig:
     compute_dtype: str = "float32"
     remat: str = "none"
     attention: str = "auto"
+    num_labels: int = 0
 
     def __post_init__(self) -> None:
+        if self.num_labels < 0:
+            raise ConfigError(f"num_labels must be >= 0 (0: a causal LM), got {self.num_labels}")
+        if self.num_labels:
+            object.__setattr__(self, "tie_embeddings", True)
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.dim // max(self.n_heads, 1))
         if isinstance(self.rope_scaling, dict):
@@ -106,17 +111,17 @@ class LlamaConfig:
         """Exact parameter count, from shapes alone: the matmul weights, two norms per layer
         and the final one, and the embedding table unless the head is that table."""
         norms = self.dim * (2 * self.n_layers + 1)
-        embedding = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        embedding = 0 if self.tie_embeddings and not self.num_labels else self.vocab_size * self.dim
         return self.matmul_params() + norms + embedding
 
     def matmul_params(self) -> int:
         """Weights that multiply activations, the N of every model-FLOPs count (training MFU,
         the benchmarks, the AOT tool): per layer the q/k/v/o projections and the SwiGLU MLP,
         plus the output head, counted even when tied to the embedding (the lookup is a gather,
-        not a matmul; the head is a matmul either way)."""
+        not a matmul; the head is a matmul either way); a classifier's head is its `score`."""
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         mlp = 3 * self.dim * self.ffn_dim
-        return self.n_layers * (attn + mlp) + self.dim * self.vocab_size
+        return self.n_layers * (attn + mlp) + self.dim * (self.num_labels or self.vocab_size)
 
     def check_token_ids(self, ids: Any, what: str = "tokens") -> None:
         """Raise `ValueError` naming the first id outside [0, vocab_size) and where it is.
@@ -298,6 +303,8 @@ def _meta_ffn_fields(dim: int, ffn_dim: int) -> dict[str, Any]:
 
 # --- Hugging Face config.json ----------------------------------------------------------------
 
+SEQUENCE_CLASSIFIER = "LlamaForSequenceClassification"  # HF's class for `num_labels` > 0
+
 
 def from_hf_config(config: dict[str, Any] | str | Path, **overrides: Any) -> LlamaConfig:
     """Read an HF `LlamaConfig` dict or `config.json`, v4 (`rope_theta` + `rope_scaling`) or v5
@@ -326,6 +333,9 @@ def from_hf_config(config: dict[str, Any] | str | Path, **overrides: Any) -> Lla
             raise ConfigError(f"{source}: {flag}=true is not a Llama 3 architecture")
     n_heads = int(_require(c, "num_attention_heads", source))
     dim = int(_require(c, "hidden_size", source))
+    num_labels = 0
+    if SEQUENCE_CLASSIFIER in c.get("architectures", ()):  # HF's default is 2 labels
+        num_labels = int(c.get("num_labels") or len(c.get("id2label") or {}) or 2)
     fields = dict(
         dim=dim,
         n_layers=int(_require(c, "num_hidden_layers", source)),
@@ -339,6 +349,7 @@ def from_hf_config(config: dict[str, Any] | str | Path, **overrides: Any) -> Lla
         rope_scaling=scaling,
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         max_seq_len=int(c.get("max_position_embeddings", 8192)),
+        num_labels=num_labels,
     )
     try:
         return LlamaConfig(**{**fields, **overrides})
@@ -353,9 +364,11 @@ def to_hf_config(
     eos_token_id: int | list[int] = 128001,
     torch_dtype: str = "float32",
     rope_format: str = "v4",
+    pad_token_id: int | None = None,
 ) -> dict[str, Any]:
     """An HF `config.json` dict; `rope_format` "v4" writes `rope_theta`/`rope_scaling`,
-    "v5" writes `rope_parameters`."""
+    "v5" writes `rope_parameters`. A sequence classifier (`num_labels` > 0) is a
+    `LlamaForSequenceClassification`, which finds each row's last token by `pad_token_id`."""
     rope: dict[str, Any] = {"rope_type": "default"}
     if config.rope_scaling is not None:
         s = config.rope_scaling
@@ -367,7 +380,7 @@ def to_hf_config(
             "original_max_position_embeddings": s.original_max_position,
         }
     out: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
+        "architectures": [SEQUENCE_CLASSIFIER if config.num_labels else "LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": config.dim,
         "intermediate_size": config.ffn_dim,
@@ -381,11 +394,14 @@ def to_hf_config(
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "tie_word_embeddings": config.tie_embeddings,
+        "tie_word_embeddings": config.tie_embeddings and not config.num_labels,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
         "torch_dtype": torch_dtype,
     }
+    if config.num_labels:
+        out["num_labels"] = config.num_labels
+        out["pad_token_id"] = pad_token_id
     if rope_format == "v5":
         out["rope_parameters"] = {**rope, "rope_theta": config.rope_theta}
     elif rope_format == "v4":

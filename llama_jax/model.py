@@ -354,8 +354,8 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
     """The parameters of a whole model: embedding, the layer stack (one `Block` with stacked
-    weights), final norm and output head (absent when tied to the embedding). Run it with
-    `forward` on its pure-dict state, or call it."""
+    weights), final norm and output head (absent when tied to the embedding), and a sequence
+    classifier's `score` head. Run it with `forward` on its pure-dict state, or call it."""
 
     def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
         c, pd = config, config.param_dtype
@@ -365,6 +365,8 @@ class Transformer(nnx.Module):
         self.norm = _ones((c.dim,), ("norm",), pd)
         if not c.tie_embeddings:
             self.output = _param(rngs, (c.dim, c.vocab_size), ("embed", "vocab"), pd)
+        if c.num_labels:  # a sequence classifier's head (see `llama_jax.reward_model`)
+            self.score = _param(rngs, (c.dim, c.num_labels), ("embed", "labels"), pd)
 
     def __call__(self, tokens: jax.Array, **kwargs: Any) -> tuple[jax.Array, KVCache | None]:
         """`forward` over this module's own parameters (same keywords)."""

@@ -307,6 +307,9 @@ def find_tokenizer(checkpoint_dir: str | Path) -> TextTokenizer | None:
     return None
 
 
+BYTE_TOKENIZER = "bytes"  # how configs, run directories and CLIs name `ByteTokenizer`
+
+
 class ByteTokenizer(_SpecialIds):
     """UTF-8 bytes as ids 0..255, then the 256 Llama 3 special tokens (ids 256..511).
 
@@ -351,3 +354,11 @@ class ByteTokenizer(_SpecialIds):
             out.append(SPECIAL_TOKEN_NAMES[i - 256])
         out.append(pending.decode("utf-8", errors="replace"))
         return "".join(out)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """One id's bytes: the byte itself, or a special token's name (as `decode` spells it)."""
+        return bytes([token_id]) if token_id < 256 else SPECIAL_TOKEN_NAMES[token_id - 256].encode()
+
+    def detokenizer(self) -> StreamingDetokenizer:
+        """A fresh streaming decoder of these ids (what inference streams text with)."""
+        return StreamingDetokenizer(self)

@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from typing import Any
 
+from infer.generate import Completion, generate
 from llama_jax import compile_cache, platforms
+from llama_jax.api import Model
+from llama_jax.config import LlamaConfig
+from llama_jax.model import Params
 from train.config import TrainConfig, load_config, parse_assignments
 from train.loop import USER_ERRORS, dump_teacher, run
+from train.rollouts import run_grpo
+
+MAX_ROLLOUTS = 256  # decode slots of GRPO's sampler: a round's completions decode together
 
 EXAMPLES = """examples:
   python -m llama_jax.train --config tiny-arithmetic --checkpoint-dir runs/a
@@ -76,7 +84,12 @@ FLAGS: dict[str, tuple[str, type, str]] = {
         "projections that get adapters: q,k,v,o,gate,up,down (or all)",
     ),
     "--lora-dropout": ("lora.dropout", float, "dropout on each adapter's input"),
-    "--objective": ("objective", str, "what to minimise: lm (pretraining, SFT), dpo, distill"),
+    "--objective": (
+        "objective",
+        str,
+        "what to minimise: lm (pretraining, SFT), dpo, distill, grpo (sampled with the engine), "
+        "reward (a reward model on preference pairs)",
+    ),
     "--dpo-beta": ("dpo.beta", float, "DPO's beta: the strength of the reference anchor"),
     "--dpo-loss": ("dpo.loss", str, "sigmoid (DPO; cDPO with label smoothing), robust or ipo"),
     "--dpo-label-smoothing": (
@@ -88,6 +101,11 @@ FLAGS: dict[str, tuple[str, type, str]] = {
         "dpo.reference",
         str,
         "auto (the LoRA base, else a frozen copy), frozen, or precomputed",
+    ),
+    "--center-rewards-coefficient": (
+        "reward_model.center_rewards_coefficient",
+        float,
+        "reward models: weight of (r_chosen + r_rejected)^2, which centres rewards on 0",
     ),
     "--teacher": ("distill.teacher", str, "checkpoint of the distillation teacher"),
     "--teacher-topk": (
@@ -106,6 +124,29 @@ FLAGS: dict[str, tuple[str, type, str]] = {
         float,
         "weight of the KL to the teacher; 1 - alpha weights the cross-entropy",
     ),
+    "--prompts": (
+        "grpo.prompts",
+        str,
+        "GRPO: prompts JSONL (prompt or messages, optional answer) or builtin:arithmetic[:SPLIT]",
+    ),
+    "--reward": (
+        "grpo.reward",
+        str,
+        "GRPO: exact, regex:PATTERN, arithmetic, model:CHECKPOINT or python:MODULE:FN",
+    ),
+    "--num-generations": ("grpo.num_generations", int, "GRPO: completions per prompt (a group)"),
+    "--prompts-per-step": ("grpo.prompts_per_step", int, "GRPO: prompts per round"),
+    "--max-new-tokens": ("grpo.max_new_tokens", int, "GRPO: the longest completion sampled"),
+    "--temperature": ("grpo.temperature", float, "GRPO: sampling temperature"),
+    "--beta": ("grpo.beta", float, "GRPO: weight of the k3 KL to the reference (0: none)"),
+    "--num-iterations": ("grpo.num_iterations", int, "GRPO: updates per round of samples"),
+    "--grpo-loss": ("grpo.loss_type", str, "GRPO: loss aggregation dapo, bnpo, grpo or dr_grpo"),
+    "--eval-prompts": (
+        "grpo.eval_prompts",
+        str,
+        "GRPO: prompts answered greedily at the start, every --eval-every rounds and the end",
+    ),
+    "--eval-every": ("grpo.eval_every", int, "GRPO: rounds between evaluations (0: start, end)"),
     "--log-every": ("log_every", int, "log metrics every N steps"),
     "--bad-data": (
         "data.bad_data",
@@ -161,7 +202,8 @@ def parser() -> argparse.ArgumentParser:
         "--sft",
         action="store_true",
         default=None,
-        help="supervised fine-tuning: loss on assistant tokens of chat JSONL only "
+        help="supervised fine-tuning: loss on assistant tokens of chat JSONL, or on the "
+        "completion of prompt-completion JSONL, only "
         "(default: off, loss on every token)",
     )
     for flag, (key, kind, text) in FLAGS.items():
@@ -208,6 +250,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, dict[str, Any
     return args.config, overrides
 
 
+def sample_groups(
+    config: LlamaConfig,
+    weights: Params,
+    mesh: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    seeds: Sequence[int],
+    n: int,
+    **sampling: Any,
+) -> list[list[Completion]]:
+    """GRPO's sampler (`train.rollouts.Sampler`): the engine over the trainer's weights as they
+    lie, `n` completions per prompt, all of a round's in one batch."""
+    model = Model(config, weights, tokenizer=tokenizer, mesh=mesh)
+    out = generate(
+        model, [list(p) for p in prompts], n=n, seeds=seeds, max_batch=MAX_ROLLOUTS, **sampling
+    )
+    return out if n > 1 else [[c] for c in out]
+
+
 def main(argv: list[str] | None = None) -> int:
     config_name, overrides = parse_args(argv)
     platforms.skip_absent_tpu()
@@ -218,7 +279,12 @@ def main(argv: list[str] | None = None) -> int:
             steps = dump_teacher(cfg)
             print(f"wrote the teacher's top-{cfg.dump_teacher_topk} of {steps} steps")
             return 0
-        result = run(cfg)
+        if cfg.objective == "grpo":
+            result, scores = run_grpo(cfg, sample_groups)
+            if "after" in scores:
+                print(f"eval_reward: {scores['before']:.4f} before, {scores['after']:.4f} after")
+        else:
+            result = run(cfg)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 1)

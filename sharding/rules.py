@@ -60,6 +60,8 @@ TABLE: dict[str, tuple[tuple[str, ...], ...]] = {
     "mlp":                  (R,    T,       R,   T),
     "layers":               (R,    R,       R,   R),
     "norm":                 (FT,   F,       R,   R),
+    # a sequence classifier's (reward model's) score head [embed, labels]: a few columns
+    "labels":               (R,    R,       R,   R),
     # LoRA adapters: a [layers, *in, lora_rank], b [layers, lora_rank, *out]; the rest of their
     # axes are the weight's own
     "lora_rank":            (R,    R,       R,   R),

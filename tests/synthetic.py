@@ -27,3 +27,9 @@ def rule_pairs(n: int, seed: int) -> list[dict[str, str]]:
         wrong = rng.choice([x for x in letters if x != word[-1]])
         out.append({"prompt": word + ":", "chosen": word[-1], "rejected": str(wrong)})
     return out
+
+
+def ascii_share(samples: list) -> list[float]:
+    """A reward with room to grow for an untrained byte-level model (about 1/4 by chance):
+    the share of a completion's ids that are ASCII bytes (`python:synthetic:ascii_share`)."""
+    return [sum(t < 128 for t in s.completion_ids) / max(len(s.completion_ids), 1) for s in samples]

@@ -17,6 +17,7 @@ from train.data import (
     DocumentSource,
     make_dataset,
     pack_examples,
+    read_example,
     tokenize_document,
 )
 from train.tokenizers import load_tokenizer, meta_tokenizer_path
@@ -177,3 +178,32 @@ def test_pretraining_counts_every_token_and_sft_needs_chats():
     assert chat["loss_mask"].all()
     with pytest.raises(DataError, match="--sft"):
         tokenize_document({"text": "plain"}, BYTES, sft=True)
+
+
+@pytest.mark.parametrize("tokenizer", _tokenizers())
+def test_prompt_completion_counts_the_completion_and_its_eos(tokenizer):
+    """TRL's prompt-completion format: bos, prompt, completion, eos, no chat template; under
+    --sft only the completion's ids and the eos are targets that count."""
+    example = tokenize_document({"prompt": "7+8=", "completion": "15"}, tokenizer, sft=True)
+    prompt, completion = tokenizer.encode("7+8="), tokenizer.encode("15")
+    ids = [tokenizer.bos_id, *prompt, *completion, tokenizer.eos_id]
+    np.testing.assert_array_equal(example["tokens"], ids[:-1])
+    np.testing.assert_array_equal(example["targets"], ids[1:])
+    want = [0] * len(prompt) + [1] * (len(completion) + 1)
+    np.testing.assert_array_equal(example["loss_mask"], want)
+    assert tokenizer.decode(example["targets"][example["loss_mask"] == 1]) == "15<|end_of_text|>"
+    pretrain = tokenize_document({"prompt": "7+8=", "completion": "15"}, tokenizer, sft=False)
+    np.testing.assert_array_equal(pretrain["targets"], ids[1:])
+    assert pretrain["loss_mask"].all()
+
+
+def test_prompt_completion_reads_from_jsonl_and_names_bad_lines(tmp_path: Path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "2+2="}\n')
+    src = DocumentSource([str(path)])
+    example = read_example(src, 0, BYTES, sft=True, skip=False)
+    assert BYTES.decode(example["targets"][example["loss_mask"] == 1]) == "2<|end_of_text|>"
+    with pytest.raises(DataError, match=r'sft.jsonl:2: a prompt-completion document needs "comp'):
+        read_example(src, 1, BYTES, sft=True, skip=False)
+    with pytest.raises(DataError, match=r'^document 0: "completion" must be a string, got int$'):
+        read_example([{"prompt": "a", "completion": 3}], 0, BYTES, sft=True, skip=False)

@@ -20,7 +20,9 @@ from llama_jax.lora import LoraConfig, parse_targets
 from train.data import DataConfig
 from train.distill import DistillConfig
 from train.dpo import DPOConfig
+from train.grpo import GRPOConfig
 from train.optim import OptimConfig
+from train.reward_model import RewardModelConfig
 
 
 def _config_dir() -> Path:
@@ -71,8 +73,11 @@ class TrainConfig:
     `seed`) on resume. `loss_chunks` > 1 computes the output head and loss over that many
     slices of the sequence, for less memory (see `train.step.chunked_sum`). `objective` is what
     the run minimises: "lm" (next-token cross-entropy; SFT with `data.sft`), "dpo" (preference
-    pairs, the `dpo:` section) or "distill" (a teacher's distributions, the `distill:` section:
-    an online `teacher` or an offline `topk_dir`). `dump_teacher_topk` K > 0 makes the run
+    pairs, the `dpo:` section), "distill" (a teacher's distributions, the `distill:` section:
+    an online `teacher` or an offline `topk_dir`) or "grpo" (online reinforcement learning
+    from sampled groups, the `grpo:` section; run by `python -m llama_jax.post grpo`); "reward"
+    trains a reward model (Bradley-Terry on preference pairs, the `reward_model:` section; the
+    model gets `num_labels: 1`, its score head). `dump_teacher_topk` K > 0 makes the run
     write the teacher's top-K log-probs of every batch into `distill.topk_dir` instead of
     training. `checkpoint_dir` is the run directory; it resumes when it holds a checkpoint. `export_dir` receives the final
     weights as `export_format`: "hf", "meta" or "orbax", or with LoRA "peft" (the adapter
@@ -94,6 +99,8 @@ class TrainConfig:
     objective: str = "lm"
     dpo: DPOConfig = field(default_factory=DPOConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     dump_teacher_topk: int = 0
     steps: int = 1000
     grad_accum: int = 1
@@ -114,6 +121,12 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def updates(self) -> int:
+        """Optimizer updates of the whole run (the learning-rate schedule's length): `steps`,
+        or for GRPO `num_iterations` per round."""
+        return self.steps * (self.grpo.num_iterations if self.objective == "grpo" else 1)
+
 
 _SECTIONS = {
     "data": DataConfig,
@@ -121,8 +134,10 @@ _SECTIONS = {
     "lora": LoraSettings,
     "dpo": DPOConfig,
     "distill": DistillConfig,
+    "grpo": GRPOConfig,
+    "reward_model": RewardModelConfig,
 }
-OBJECTIVES = ("lm", "dpo", "distill")
+OBJECTIVES = ("lm", "dpo", "distill", "grpo", "reward")
 
 
 def _coerce(value: Any, current: Any, key: str, source: str) -> Any:
@@ -201,10 +216,23 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         raise TrainConfigError(
             f"objective {config.objective!r}: expected one of {', '.join(OBJECTIVES)}"
         )
+    if config.objective == "reward":
+        config = _reward_model_run(config)
     for key in ("sdc_check_every", "watchdog_multiple"):
         if getattr(config, key) < 0:
             raise TrainConfigError(f"{key} {getattr(config, key)}: must be >= 0 (0: off)")
     return config
+
+
+def _reward_model_run(config: TrainConfig) -> TrainConfig:
+    """A reward-model run's model is a one-label classifier (`LlamaConfig.num_labels`), every
+    weight trained: the model config the run builds gets `num_labels: 1`."""
+    if config.lora.rank:
+        raise TrainConfigError("objective reward trains every weight and the head: set lora.rank 0")
+    labels = config.model_overrides.get("num_labels", 1)
+    if labels != 1:
+        raise TrainConfigError(f"objective reward: model_overrides.num_labels {labels}, not 1")
+    return dataclasses.replace(config, model_overrides={**config.model_overrides, "num_labels": 1})
 
 
 def parse_assignments(items: Iterable[str]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ number here is one token, so a fact is `<|begin_of_text|> 7 + 8 = 15 <|end_of_te
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Mapping
 
 
@@ -18,6 +19,27 @@ def facts() -> list[tuple[str, str]]:
     out = [(f"{a}+{b}=", str(a + b)) for a in range(10) for b in range(10)]
     out += [(f"{a}-{b}=", str(a - b)) for a in range(10) for b in range(a + 1)]
     return out
+
+
+HELD_OUT = "heldout"
+SPLITS = ("all", "train", HELD_OUT)
+
+
+def held_out(prompt: str) -> bool:
+    """Whether a fact belongs to the held-out split: about one in five, by a fixed rule on its
+    operands (never on its answer), so post-training on the rest can be judged on sums it never
+    practised."""
+    a, b = (int(x) for x in re.split(r"[+-]", prompt.rstrip("=")))
+    return (3 * a + b) % 5 == 0
+
+
+def split(name: str) -> list[tuple[str, str]]:
+    """The (prompt, answer) facts of split `name`: "all", "train" or "heldout"."""
+    if name not in SPLITS:
+        raise ValueError(f"arithmetic split {name!r}: expected one of {', '.join(SPLITS)}")
+    if name == "all":
+        return facts()
+    return [f for f in facts() if held_out(f[0]) == (name == HELD_OUT)]
 
 
 def documents(n_docs: int = 20000, seed: int = 0) -> list[dict[str, str]]:

@@ -1,8 +1,12 @@
 """Documents -> token streams -> fixed-length packed rows, with a grain pipeline.
 
 Sources: text files (one file is one document), JSONL with `{"text": ...}` per line, chat JSONL
-with `{"messages": [...]}` per line, or the built-in corpus `builtin:arithmetic`. Each document becomes `<|begin_of_text|> ... ` ids;
-text documents also end in `<|end_of_text|>` (chat documents end in their own eot).
+with `{"messages": [...]}` per line, prompt-completion JSONL (TRL's format) with `{"prompt": ...,
+"completion": ...}` per line, or the built-in corpus `builtin:arithmetic`. Each document becomes
+`<|begin_of_text|> ... ` ids; text and prompt-completion documents also end in `<|end_of_text|>`
+(chat documents end in their own eot). A prompt-completion document is the prompt's ids then
+the completion's, with no chat template, as `python -m llama_jax.post rejection-sample` writes
+completions of plain prompts.
 
 A document of n ids gives n-1 (input, target) pairs, so no target ever crosses into the next
 document. Documents longer than a row are cut into row-sized pieces. Pieces are first-fit packed
@@ -44,6 +48,7 @@ Example = dict[str, np.ndarray]
 # Packed per-token features; `positions` and `segment_ids` come from the packer.
 PACKED_KEYS = ("tokens", "targets", "loss_mask")
 BAD_DATA = ("fail", "skip")
+DOCUMENT_KEYS = {"text", "messages", "prompt", "completion"}  # a JSONL document has one kind
 
 
 class DataError(ValueError):
@@ -132,8 +137,11 @@ class DocumentSource:
         if self._offset[index] < 0:
             return {"text": _read_text(path)}
         doc, where = self.json_line(index)
-        if not isinstance(doc, dict) or not ("text" in doc or "messages" in doc):
-            raise DataError(f'{where}: expected {{"text": ...}} or {{"messages": [...]}}')
+        if not isinstance(doc, dict) or not DOCUMENT_KEYS & doc.keys():
+            raise DataError(
+                f'{where}: expected {{"text": ...}}, {{"messages": [...]}} or '
+                '{"prompt": ..., "completion": ...}'
+            )
         return doc
 
     def where(self, index: int) -> str:
@@ -181,7 +189,8 @@ def tokenize_document(doc: dict[str, Any], tokenizer: Any, sft: bool) -> Example
     """One document -> {tokens, targets, loss_mask} of length n-1 (inputs, next ids, weights).
 
     Pretraining counts every target. SFT counts only the targets the chat mask marks (assistant
-    bodies and their closing eot/eom), and needs chat documents.
+    bodies and their closing eot/eom) or, for a prompt-completion document, the completion and
+    its closing `<|end_of_text|>`; it needs chat or prompt-completion documents.
     """
     if "messages" in doc:
         if not isinstance(doc["messages"], list):
@@ -189,8 +198,15 @@ def tokenize_document(doc: dict[str, Any], tokenizer: Any, sft: bool) -> Example
         ids, mask = encode_dialog_with_mask(tokenizer, doc["messages"])
         if not sft:
             mask = [1] * len(ids)
+    elif "prompt" in doc or "completion" in doc:
+        ids, mask = _prompt_completion(doc, tokenizer)
+        if not sft:
+            mask = [1] * len(ids)
     elif sft:
-        raise DataError('--sft: every document must be chat JSONL {"messages": [...]}')
+        raise DataError(
+            '--sft: every document must be chat JSONL {"messages": [...]} or '
+            '{"prompt": ..., "completion": ...}'
+        )
     elif not isinstance(doc["text"], str):
         raise DataError(f'"text" must be a string, got {type(doc["text"]).__name__}')
     else:
@@ -202,6 +218,20 @@ def tokenize_document(doc: dict[str, Any], tokenizer: Any, sft: bool) -> Example
         "targets": ids_arr[1:],
         "loss_mask": np.asarray(mask[1:], np.float32),
     }
+
+
+def _prompt_completion(doc: dict[str, Any], tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(ids, mask) of a prompt-completion document: `<|begin_of_text|>` prompt completion
+    `<|end_of_text|>`, the mask marking the completion and the eos (what SFT learns to say;
+    the prompt is only read)."""
+    for name in ("prompt", "completion"):
+        if name not in doc:
+            raise DataError(f'a prompt-completion document needs "{name}" too')
+        if not isinstance(doc[name], str):
+            raise DataError(f'"{name}" must be a string, got {type(doc[name]).__name__}')
+    prompt = tokenizer.encode(doc["prompt"], bos=True)
+    completion = tokenizer.encode(doc["completion"], eos=True)
+    return prompt + completion, [0] * len(prompt) + [1] * len(completion)
 
 
 class SkippedDocuments:

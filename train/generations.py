@@ -109,7 +109,7 @@ def to_sft(
             skipped += 1
             continue
         chats.append({"messages": [*messages, {"role": "assistant", "content": text}]})
-    _write_jsonl(Path(out), chats)
+    write_jsonl(Path(out), chats)
     return SftCounts(len(chats), skipped)
 
 
@@ -128,7 +128,14 @@ def _check_counts(asked: list, answered: list, prompts: Any, generations: Any) -
     )
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """`rows` as JSONL, written atomically (`write_atomic`)."""
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` beside `path` and rename it into place, so an interrupted run never leaves
+    a half-written file that a later step would read as complete."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    tmp.write_text(text, "utf-8")
     os.replace(tmp, path)

@@ -55,6 +55,7 @@ from train.objectives import (
     training_batches,
 )
 from train.optim import make_optimizer
+from train.reward_model import reward_start
 from train.sdc import SdcCheck, SilentDataCorruption, on_mesh
 from train.step import (
     BASE,
@@ -65,7 +66,7 @@ from train.step import (
     build_step,
     init_train_state,
 )
-from train.tokenizers import load_tokenizer
+from train.tokenizers import BYTES, load_tokenizer
 from train.watchdog import Watchdog
 
 
@@ -128,7 +129,7 @@ def _run_info(cfg: TrainConfig, tokenizer: Any) -> dict[str, Any]:
     """What `llama_jax.load`/inference need besides the weights: the tokenizer file used, and
     for a LoRA run the adapters' settings and where the base comes from."""
     path = getattr(tokenizer, "path", None)
-    info = {"train_config": cfg.to_dict(), "tokenizer": str(path) if path else "bytes"}
+    info = {"train_config": cfg.to_dict(), "tokenizer": str(path) if path else BYTES}
     lora = cfg.lora.config()
     if lora is not None:
         base = str(Path(cfg.init_from).resolve()) if cfg.init_from else None
@@ -157,6 +158,12 @@ class Trainer:
     resumed: bool
     flops_per_token: float
     sdc: SdcCheck | None = None
+
+    @property
+    def steps_done(self) -> int:
+        """The loop's steps done so far: updates (a GRPO round of several updates is one step,
+        `train.rollouts`)."""
+        return int(self.state.step)
 
     def place(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows -> global batch arrays sharded over the mesh."""
@@ -239,13 +246,15 @@ def setup(cfg: TrainConfig, devices: list[Any] | None = None) -> Trainer:
             f"vocab_size {model_config.vocab_size}"
         )
     policy = Policy(model_config, lora)
+    if cfg.objective == "reward" and start is not None:
+        start = reward_start(start, model_config, cfg.seed)
     frozen, teacher = frozen_trees(cfg, policy, start, mesh)
     if reference_pass_due:
         reference_pass(cfg, model_config, start, tokenizer)
     if lora is not None or resume_step is not None:
         start = None  # the state holds adapters, or comes from the checkpoint
 
-    optimizer = make_optimizer(cfg.optim, cfg.steps)
+    optimizer = make_optimizer(cfg.optim, cfg.updates)
     abstract = abstract_train_state(model_config, optimizer, lora)
     shardings = tree_shardings(abstract, model_config, mesh, cfg.rules, lora)
     data_iter = iter(training_batches(cfg, tokenizer, *_data_shard(cfg, mesh)))
@@ -352,7 +361,13 @@ def dump_teacher(cfg: TrainConfig, devices: list[Any] | None = None) -> int:
 
 def run(cfg: TrainConfig, devices: list[Any] | None = None) -> RunResult:
     """Train for `cfg.steps` updates in all (counting those done before a resume)."""
-    t = setup(cfg, devices)
+    return run_trainer(setup(cfg, devices))
+
+
+def run_trainer(t: Trainer) -> RunResult:
+    """The step loop of a set-up run to its end, then the checkpoints closed and the export
+    written (unless a signal stopped the run)."""
+    cfg = t.cfg
     try:
         result = train(t)
     finally:
@@ -384,7 +399,7 @@ def _logger(t: Trainer) -> MetricsLogger:
     devices = t.mesh.devices.ravel().tolist()
     peak, source = peak_flops_per_device(devices, config.compute_dtype, cfg.peak_tflops)
     lora, fpt = t.policy.lora, t.flops_per_token
-    start = int(t.state.step)
+    start = t.steps_done
     logger = MetricsLogger(
         cfg.checkpoint_dir,
         total_steps=cfg.steps,
@@ -421,7 +436,7 @@ def train(t: Trainer) -> RunResult:
     timer = time.perf_counter()
     compiled = stopping = False
     try:
-        for done in range(int(t.state.step) + 1, cfg.steps + 1):
+        for done in range(t.steps_done + 1, cfg.steps + 1):
             with _paused(watchdog, t.sdc is not None and t.sdc.due(done)):
                 pending.append(t.step(done))
             stopping = watch.reached(done, ckpt.manager if ckpt else None)
@@ -463,7 +478,7 @@ def _paused(watchdog: Watchdog | None, pause: bool = True) -> Any:
 
 def _summary(t: Trainer, last: dict[str, float], tps: float | None) -> str:
     """The run's last line: where it ended, how fast it went and where its checkpoints are."""
-    parts = [f"done: step {int(t.state.step)}"]
+    parts = [f"done: step {t.steps_done}"]
     if last:
         parts.append(f"loss {last['loss']:.4f}")
     if tps is not None:

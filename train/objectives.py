@@ -6,6 +6,10 @@ models it adds to each step (for the FLOP count).
   dpo      preference pairs (`train.dpo`)                      frozen: the LoRA base, or a
                                                                reference copy of the start
   distill  a teacher's distributions (`train.distill`)         frozen: the teacher (online)
+  grpo     sampled groups and their rewards (`train.grpo`)     frozen: the LoRA base, or a
+                                                               reference copy (beta > 0)
+  reward   a reward model on preference pairs (Bradley-Terry,  frozen: none
+           `train.reward_model`)
 
 Frozen trees are never checkpointed: they are read again from where the run read them
 (`init_from`, the teacher's checkpoint) or made again from the seed, on every start.
@@ -30,7 +34,10 @@ from train.config import TrainConfig, TrainConfigError
 from train.data import make_dataset, open_documents
 from train.distill import TEACHER, check_teacher, distill_objective
 from train.dpo import REFERENCE, dpo_objective, reference_logps
+from train.grpo import grpo_objective
 from train.preference import REF_KEYS, PreferenceSource, make_preference_dataset
+from train.prompts import prompt_batches, read_prompts
+from train.reward_model import reward_objective
 from train.step import BASE, Frozen, Objective, Policy, lm_objective
 
 REFERENCE_FILE = "reference-logps.p{process}.jsonl"  # in the run directory
@@ -39,7 +46,14 @@ REFERENCE_FILE = "reference-logps.p{process}.jsonl"  # in the run directory
 def keeps_start(cfg: TrainConfig, lora: LoraConfig | None) -> bool:
     """Whether the starting weights stay on as a frozen tree: a LoRA base or a DPO reference
     copy. Such runs read `init_from` again on resume."""
-    return lora is not None or (cfg.objective == "dpo" and cfg.dpo.uses_frozen_copy(lora))
+    return lora is not None or _reference_copy(cfg, lora)
+
+
+def _reference_copy(cfg: TrainConfig, lora: LoraConfig | None) -> bool:
+    """Whether the objective reads a frozen copy of the starting weights as its reference."""
+    if cfg.objective == "dpo":
+        return cfg.dpo.uses_frozen_copy(lora)
+    return cfg.objective == "grpo" and cfg.grpo.uses_frozen_copy(lora)
 
 
 def frozen_copy(config: LlamaConfig, start: Params | None, cfg: TrainConfig, mesh: Any) -> Params:
@@ -68,7 +82,7 @@ def frozen_trees(
     frozen: Frozen = {}
     if policy.lora is not None:
         frozen[BASE] = frozen_copy(policy.config, start, cfg, mesh)
-    if cfg.objective == "dpo" and cfg.dpo.uses_frozen_copy(policy.lora):
+    if _reference_copy(cfg, policy.lora):
         frozen[REFERENCE] = frozen.get(BASE) or frozen_copy(policy.config, start, cfg, mesh)
     teacher = None
     if cfg.objective == "distill" and cfg.distill.topk_dir is None:
@@ -86,13 +100,20 @@ def objective_for(cfg: TrainConfig, policy: Policy, teacher: LlamaConfig | None)
         return dpo_objective(policy, cfg.dpo, cfg.loss_chunks)
     if cfg.objective == "distill":
         return distill_objective(policy, teacher, cfg.distill, cfg.loss_chunks)
+    if cfg.objective == "grpo":
+        return grpo_objective(policy, cfg.grpo, cfg.loss_chunks)
+    if cfg.objective == "reward":
+        return reward_objective(policy, cfg.reward_model)
     return lm_objective(policy, cfg.loss_chunks)
 
 
 def frozen_forwards(cfg: TrainConfig, policy: Policy, teacher: LlamaConfig | None) -> list:
     """Configs of the frozen models each step runs forward: DPO's reference (unless its
-    log-probs are precomputed), the online teacher."""
+    log-probs are precomputed), GRPO's (once per round of `num_iterations` updates, counted
+    with each), the online teacher."""
     if cfg.objective == "dpo" and cfg.dpo.reference != "precomputed":
+        return [policy.config]
+    if cfg.objective == "grpo" and cfg.grpo.beta > 0:
         return [policy.config]
     return [teacher] if teacher is not None else []
 
@@ -132,12 +153,21 @@ def reference_pass(
 def training_batches(
     cfg: TrainConfig, tokenizer: Any, shard_index: int, shard_count: int
 ) -> grain.IterDataset:
-    """The run's data stream for one data shard: packed documents, or packed preference pairs
-    (read from the reference pass's output when there is one)."""
-    if cfg.objective == "dpo":
+    """The run's data stream for one data shard: packed documents, packed preference pairs
+    (read from the reference pass's output when there is one), or GRPO's prompts."""
+    if cfg.objective == "grpo":
+        return prompt_batches(
+            read_prompts(cfg.grpo.prompts, tokenizer),
+            cfg.grpo.prompts_per_step,
+            seed=cfg.seed,
+            shard_index=shard_index,
+            shard_count=shard_count,
+        )
+    if cfg.objective in ("dpo", "reward"):
         reference = _reference_path(cfg)
         paths = cfg.data.paths
-        if cfg.dpo.reference == "precomputed" and reference is not None and reference.is_file():
+        precomputed = cfg.objective == "dpo" and cfg.dpo.reference == "precomputed"
+        if precomputed and reference is not None and reference.is_file():
             paths = (str(reference),)
         return make_preference_dataset(
             paths,

@@ -114,14 +114,7 @@ def chunked_sum(fn: Callable[..., Any], arrays: tuple[jax.Array, ...], chunks: i
     """
     if chunks == 1:
         return fn(*arrays)
-    b, t = arrays[0].shape[:2]
-    if t % chunks:
-        raise ValueError(f"loss_chunks ({chunks}) must divide the sequence length {t}")
-
-    def strided(x: jax.Array) -> jax.Array:  # [b, t, ...] -> [n, b, t / n, ...]
-        return jnp.moveaxis(x.reshape(b, t // chunks, chunks, *x.shape[2:]), 2, 0)
-
-    sliced = tuple(strided(x) for x in arrays)
+    sliced = tuple(_strided(x, chunks) for x in arrays)
     first = jax.tree.map(lambda x: x[0], sliced)
     zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, *first))
 
@@ -129,6 +122,25 @@ def chunked_sum(fn: Callable[..., Any], arrays: tuple[jax.Array, ...], chunks: i
         return jax.tree.map(jnp.add, total, jax.checkpoint(fn)(*chunk)), None
 
     return jax.lax.scan(add_chunk, zero, sliced)[0]
+
+
+def chunked_map(fn: Callable[..., jax.Array], arrays: tuple[jax.Array, ...], chunks: int):
+    """`fn(*arrays)` -> [B, T] per-token values, computed over `chunks` slices of the sequence
+    axis in turn (the slices of `chunked_sum`), for the same reason: one slice's logits at a
+    time. For passes without gradients (log-probs of a frozen or old policy)."""
+    if chunks == 1:
+        return fn(*arrays)
+    out = jax.lax.map(lambda chunk: fn(*chunk), tuple(_strided(x, chunks) for x in arrays))
+    n, b, part = out.shape
+    return jnp.moveaxis(out, 0, 2).reshape(b, part * n)
+
+
+def _strided(x: jax.Array, chunks: int) -> jax.Array:
+    """[b, t, ...] -> [chunks, b, t / chunks, ...], slice j holding positions j, j + n, ..."""
+    b, t = x.shape[:2]
+    if t % chunks:
+        raise ValueError(f"loss_chunks ({chunks}) must divide the sequence length {t}")
+    return jnp.moveaxis(x.reshape(b, t // chunks, chunks, *x.shape[2:]), 2, 0)
 
 
 def cross_entropy_sum(

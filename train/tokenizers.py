@@ -7,10 +7,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from llama_jax.tokenizer import ByteTokenizer, Tokenizer
+from llama_jax.tokenizer import BYTE_TOKENIZER, ByteTokenizer, Tokenizer
 
 LLAMA3 = "llama3"
-BYTES = "bytes"
+BYTES = BYTE_TOKENIZER
 
 
 def meta_tokenizer_path() -> Path | None:

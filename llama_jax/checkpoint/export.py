@@ -64,16 +64,22 @@ def export_hf(
     *,
     tokenizer: Any = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    pad_token_id: int | None = None,
 ) -> Path:
-    """A directory `transformers.LlamaForCausalLM.from_pretrained` loads."""
+    """A directory `transformers.LlamaForCausalLM.from_pretrained` loads, or for a sequence
+    classifier `LlamaForSequenceClassification`: it reads each row at its last token that is
+    not `pad_token_id` (default: the tokenizer's pad id, which our data never holds)."""
+    if config.num_labels and pad_token_id is None:
+        pad_token_id = getattr(tokenizer, "pad_id", None)
     dst = _fresh_dir(dst)
     out = _out_dtype(config, dtype)
-    ids = {}
+    ids: dict[str, Any] = {"pad_token_id": pad_token_id}
     if tokenizer is not None and hasattr(tokenizer, "bos_id"):
-        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+        ids |= {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
     hf_config = to_hf_config(config, torch_dtype=out.name, **ids)
-    for key in ("bos_token_id", "eos_token_id"):  # Llama 3's defaults, unless out of vocabulary
-        if isinstance(hf_config[key], int) and hf_config[key] >= config.vocab_size:
+    # Llama 3's defaults (or the tokenizer's ids), unless out of vocabulary
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if isinstance(hf_config.get(key), int) and hf_config[key] >= config.vocab_size:
             hf_config[key] = None
     (dst / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
 
@@ -117,6 +123,8 @@ def export_meta(
 ) -> Path:
     """A Meta directory: `params.json` and `mp` files `consolidated.NN.pth`, each tensor split
     along its model-parallel dim (Llama 3: embedding on the vocabulary dim)."""
+    if config.num_labels:
+        raise CheckpointError(f"{dst}: Meta's format holds no sequence classifier (score head)")
     config, get = stored_model(config, get, "meta")
     for field in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
         if getattr(config, field) % mp:

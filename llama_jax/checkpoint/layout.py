@@ -65,6 +65,8 @@ EMBEDDING = TensorSpec(
     ("tok_embeddings",), "tok_embeddings.weight", "model.embed_tokens.weight", "copy", mp_dim=0
 )
 OUTPUT = TensorSpec(("output",), "output.weight", "lm_head.weight", "linear", mp_dim=0)
+# A sequence classifier's head (HF `LlamaForSequenceClassification`; Meta's format has none).
+SCORE = TensorSpec(("score",), "score.weight", "score.weight", "linear")
 SPECS: tuple[TensorSpec, ...] = (
     EMBEDDING,
     _layer("attention_norm", "attention_norm", "input_layernorm", "copy"),
@@ -92,6 +94,7 @@ SPECS: tuple[TensorSpec, ...] = (
     _layer("feed_forward/w2", "feed_forward.w2", "mlp.down_proj", "linear", mp_dim=1),
     TensorSpec(("norm",), "norm.weight", "model.norm.weight", "copy"),
     OUTPUT,
+    SCORE,
 )
 
 # Tensors some checkpoints carry that hold nothing we need (recomputed rotary tables).
@@ -99,8 +102,14 @@ IGNORED = re.compile(r"(^rope\.freqs$)|(\.rotary_emb\.inv_freq$)")
 
 
 def specs(config: LlamaConfig) -> tuple[TensorSpec, ...]:
-    """The tensors a model with `config` has (no `output` when embeddings are tied)."""
-    return tuple(s for s in SPECS if not (s == OUTPUT and config.tie_embeddings))
+    """The tensors a model with `config` has (no `output` when embeddings are tied, `score`
+    only for a sequence classifier)."""
+    return tuple(
+        s
+        for s in SPECS
+        if not (s == OUTPUT and config.tie_embeddings)
+        and not (s == SCORE and not config.num_labels)
+    )
 
 
 @cache

@@ -111,11 +111,15 @@ def load(
     given. They are placed with `shardings`: a tree like the params, or a function from logical
     axis names to a `Sharding` (`sharding.rules.resolver(mesh, "fsdp_tp")` applies a rule
     preset); without, everything goes to the first device. The model's `mesh` is that of the
-    placed params. Tensors are streamed one at a time; `progress` (None: when stderr is a
+    placed params; its tokenizer is the checkpoint's file, or for a training run the one it
+    trained with. Tensors are streamed one at a time; `progress` (None: when stderr is a
     terminal) shows a progress bar.
     """
     config, params, root = load_params(path, dtype, shardings, progress)
-    return Model(config, params, tokenizer=find_tokenizer(root), mesh=_mesh_of(params))
+    tokenizer = find_tokenizer(root)
+    if tokenizer is None and detect_layout(root)[0] == "run":
+        tokenizer = run_dir.run_tokenizer(root)
+    return Model(config, params, tokenizer=tokenizer, mesh=_mesh_of(params))
 
 
 def _mesh_of(params: Params) -> jax.sharding.Mesh | None:

@@ -127,6 +127,21 @@ def load_run_params(
     return config, restored["params"]
 
 
+def run_tokenizer(path: str | Path) -> Any:
+    """The tokenizer a run trained with, as its `run` item names it: the byte-level one, or
+    the file it read (None when that file is gone or the run names none)."""
+    from llama_jax.tokenizer import BYTE_TOKENIZER, ByteTokenizer, open_tokenizer
+
+    manager, step = _open(path)
+    with manager:
+        name = _run_item(manager, step).get("tokenizer")
+    if name == BYTE_TOKENIZER:
+        return ByteTokenizer()
+    if name and Path(name).is_file():
+        return open_tokenizer(name)
+    return None
+
+
 def _run_item(manager: Any, step: int) -> dict[str, Any]:
     """The step's `run` item (a checkpoint written without one reads as empty)."""
     import orbax.checkpoint as ocp
