@@ -27,6 +27,7 @@ from infer.access_log import AccessLog
 from infer.batching import Request, Scheduler, scheduler_for
 from infer.engine import DEFAULT_BLOCK_SIZE, EngineError, bucket
 from infer.generate import Completion
+from infer.guard import GuardVersion, LlamaGuard, Screening
 from infer.ops import CANCEL_GRACE_S, Drain
 from infer.sampling import SamplingError, SamplingParams
 from infer.server import Limits, create_app
@@ -528,8 +529,48 @@ def server_parser() -> Parser:
     p.add_argument("--shutdown-timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
                    help="on SIGTERM / Ctrl-C, how long requests in flight may take to finish "
                    "before they are cancelled (default 30)")  # fmt: skip
+    guard = p.add_argument_group("content safety (a Llama Guard model beside the served one)")
+    guard.add_argument("--guard", metavar="CHECKPOINT",
+                       help="Llama Guard 3 (or 2) checkpoint: serves POST /v1/moderations")  # fmt: skip
+    guard.add_argument("--guard-version", type=int, choices=(3, 2), default=3,
+                       help="Llama Guard version of --guard (default 3)")  # fmt: skip
+    guard.add_argument("--guard-input", action="store_true",
+                       help="screen each chat conversation before generating")  # fmt: skip
+    guard.add_argument("--guard-output", action="store_true",
+                       help="screen each chat reply (streamed replies are sent once screened)")  # fmt: skip
+    guard.add_argument("--guard-threshold", type=float, default=0.5, metavar="P",
+                       help="block when P(unsafe) >= P (default 0.5)")  # fmt: skip
+    guard.add_argument("--guard-excluded", type=code_list, default=(), metavar="S1,S5",
+                       help="categories the guard does not check")  # fmt: skip
     lockstep.add_args(p)
     return p
+
+
+def code_list(text: str) -> tuple[str, ...]:
+    return tuple(c.strip().upper() for c in text.split(",") if c.strip())
+
+
+def load_screening(args: argparse.Namespace) -> Screening | None:
+    """The --guard model and what the server screens with it; None without --guard."""
+    if not args.guard:
+        if args.guard_input or args.guard_output:
+            raise CLIError("--guard-input and --guard-output need --guard CHECKPOINT")
+        return None
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    shardings = None if mesh is None else resolver(mesh, args.rules)
+    model = load(args.guard, dtype=args.dtype, shardings=shardings)
+    try:
+        guard = LlamaGuard(model, GuardVersion(args.guard_version), slots=args.max_batch)
+        return Screening(
+            guard,
+            model_name=Path(args.guard).name,
+            screen_input=args.guard_input,
+            screen_output=args.guard_output,
+            threshold=args.guard_threshold,
+            excluded=args.guard_excluded,
+        )
+    except ValueError as e:
+        raise CLIError(f"--guard: {e}") from None
 
 
 def serve(model: Model, args: argparse.Namespace, group: lockstep.Group | None = None) -> None:
@@ -537,6 +578,9 @@ def serve(model: Model, args: argparse.Namespace, group: lockstep.Group | None =
     multi-host job (`group`) only process 0 serves; the others follow its engine calls."""
     context = context_len(model, args, resident=True)
     scheduler = make_scheduler(model, args, context, args.max_batch, args.max_waiting)
+    if group is not None and args.guard:
+        raise CLIError("--guard is not supported in a multi-host job")
+    screening = load_screening(args)
     if group is not None:
         if not group.serving:
             print(f"process {group.rank}: following process 0", file=sys.stderr, flush=True)
@@ -548,7 +592,9 @@ def serve(model: Model, args: argparse.Namespace, group: lockstep.Group | None =
         request_timeout=args.request_timeout,
     )
     name = args.model_name or (Path(args.checkpoint).name if args.checkpoint else args.preset)
-    app = create_app(scheduler, model_name=name, limits=limits, api_key=args.api_key)
+    app = create_app(
+        scheduler, model_name=name, limits=limits, api_key=args.api_key, screening=screening
+    )
     if not args.quiet:
         app.add_middleware(AccessLog, write=partial(print, flush=True))
     config = uvicorn.Config(

@@ -117,6 +117,16 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
+class ModerationRequest(BaseModel):
+    """OpenAI's /v1/moderations body. `input` is checked by the handler, so that any wrong
+    shape gets the same one-line message."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    input: Any = None
+
+
 # --- response pieces -------------------------------------------------------------------------
 
 

@@ -11,6 +11,12 @@ cancelled, which frees its decode slot at the next scheduler step.
 
 `n` choices per prompt are `n` scheduler requests, numbered as OpenAI does: choice i of prompt
 j has index j * n + i.
+
+With a guard model (`infer.guard.Screening`), POST /v1/moderations classifies text in OpenAI's
+moderation shape, and chat completions can be screened: the conversation before generating
+(`screen_input`) and each finished reply (`screen_output`). A blocked choice has
+finish_reason "content_filter", empty content and the verdict in `content_filter_results`.
+A screened reply is streamed only once it has passed, in one piece at its end.
 """
 
 from __future__ import annotations
@@ -33,11 +39,13 @@ from starlette.exceptions import HTTPException
 from infer.access_log import ResponseEnd
 from infer.batching import Overloaded, Request, Scheduler
 from infer.engine import EngineError
+from infer.guard import GuardResult, Screening
 from infer.metrics import Metrics, TokenTimer
 from infer.ops import APIKey, Drain, DrainGate
 from infer.protocol import (
     ChatRequest,
     CompletionRequest,
+    ModerationRequest,
     SamplingFields,
     TokenText,
     error_body,
@@ -176,10 +184,15 @@ class API:
     """Request handling, independent of the FastAPI wiring in `create_app`."""
 
     def __init__(
-        self, scheduler: Scheduler, model_name: str, limits: Limits, metrics: Metrics
+        self,
+        scheduler: Scheduler,
+        model_name: str,
+        limits: Limits,
+        metrics: Metrics,
+        screening: Screening | None = None,
     ) -> None:
         self.scheduler, self.model_name, self.limits = scheduler, model_name, limits
-        self.metrics = metrics
+        self.metrics, self.screening = metrics, screening
         self.tokenizer = scheduler.tokenizer
         self.tokens = TokenText(self.tokenizer)
         self.context = scheduler.engine.max_len
@@ -282,7 +295,14 @@ class API:
         params = self._sampling(body, max_new, want_lp, body.top_logprobs or 0 if want_lp else 0)
         n = body.n or 1
         job = http.state.job = self._job(n)
-        job.submit([ids], params)
+        screen = self.screening
+        blocked = None
+        if screen is not None and screen.screen_input:
+            [blocked] = await self._screen([body.messages], http)
+            blocked = blocked if blocked.flagged else None
+        if blocked is None:
+            job.submit([ids], params)
+        screen_output = screen is not None and screen.screen_output
         rid, created = new_id("chatcmpl"), now()
 
         def reply(r: Request) -> tuple[dict, str]:
@@ -294,17 +314,35 @@ class API:
             return {"role": "assistant", "content": r.text}, r.finish_reason
 
         def chunk(
-            index: int, delta: dict, finish: str | None = None, lp: dict | None = None
+            index: int,
+            delta: dict,
+            finish: str | None = None,
+            lp: dict | None = None,
+            verdict: GuardResult | None = None,
         ) -> dict:
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+            if verdict is not None:
+                choice.update(filtered(verdict))
             return {"id": rid, "object": "chat.completion.chunk", "created": created,
-                    "model": self.model_name,
-                    "choices": [{"index": index, "delta": delta, "logprobs": lp,
-                                 "finish_reason": finish}]}  # fmt: skip
+                    "model": self.model_name, "choices": [choice]}  # fmt: skip
+
+        async def screened(requests: list[Request]) -> list[GuardResult | None]:
+            """Each reply's verdict when it is blocked, else None."""
+            if not screen_output:
+                return [None] * len(requests)
+            turns = [[*body.messages, {"role": "assistant", "content": r.text}] for r in requests]
+            return [v if v.flagged else None for v in await self._screen(turns, http)]
 
         if not body.stream:
             await job.wait(http)
+            verdicts = [blocked] * n if blocked is not None else await screened(job.requests)
             choices = []
-            for i, r in enumerate(job.requests):
+            for i, verdict in enumerate(verdicts):
+                if verdict is not None:
+                    choices.append({"index": i, "message": {"role": "assistant", "content": ""},
+                                    "logprobs": None, **filtered(verdict)})  # fmt: skip
+                    continue
+                r = job.requests[i]
                 message, finish = reply(r)
                 lp = self.tokens.chat_logprobs(r, 0, len(r.token_ids)) if want_lp else None
                 choices.append({"index": i, "message": message, "logprobs": lp,
@@ -316,17 +354,26 @@ class API:
         async def stream() -> AsyncIterator[dict]:
             for i in range(n):
                 yield chunk(i, {"role": "assistant", "content": ""})
-            held, sent, streaming = [""] * n, [0] * n, [not tools] * n
+            if blocked is not None:
+                for i in range(n):
+                    yield chunk(i, {}, "content_filter", verdict=blocked)
+            held, sent = [""] * n, [0] * n
+            streaming = [not tools and not screen_output] * n
             async for i, piece, done, count in job.events():
                 r = job.requests[i]
                 held[i] += piece
-                # With tools on offer, text that may still become a tool call waits.
-                streaming[i] = streaming[i] or not may_be_tool_call(held[i])
+                # With tools on offer, text that may still become a tool call waits; a reply
+                # to be screened waits for its verdict.
+                streaming[i] = not screen_output and (streaming[i] or not may_be_tool_call(held[i]))
                 if streaming[i] and (held[i] or count > sent[i]):
                     lp = self.tokens.chat_logprobs(r, sent[i], count) if want_lp else None
                     yield chunk(i, {"content": held[i]}, lp=lp)
                     held[i], sent[i] = "", count
                 if done:
+                    [verdict] = await screened([r])
+                    if verdict is not None:
+                        yield chunk(i, {}, "content_filter", verdict=verdict)
+                        continue
                     message, finish = reply(r)
                     if message.get("tool_calls"):
                         calls = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
@@ -338,6 +385,56 @@ class API:
                 yield {**chunk(0, {}), "choices": [], "usage": job.usage()}
 
         return sse(stream(), job)
+
+    # --- the guard model ---------------------------------------------------------------------
+
+    async def _screen(
+        self, conversations: list[list[dict]], http: HTTPRequest
+    ) -> list[GuardResult]:
+        """The guard's verdict on the last message of each conversation, in one batch."""
+        screen = self.screening
+        assert screen is not None
+        try:
+            prompts = [screen.guard.prompt_ids(c, screen.excluded) for c in conversations]
+        except ValueError as e:
+            raise APIError(400, f"guard: {e}") from None
+        job = Job(screen.guard.scheduler, timeout=self.limits.request_timeout)
+        job.submit(prompts, screen.guard.params)
+        await job.wait(http)
+        return [screen.guard.result(r, screen.excluded, screen.threshold) for r in job.requests]
+
+    async def moderations(self, body: ModerationRequest, http: HTTPRequest) -> dict:
+        """OpenAI's moderation API: one result per input text, judged as a user message.
+        Categories are keyed by their Llama Guard names; a flagged input scores P(unsafe) in
+        each category the guard named, every other score is 0."""
+        screen = self.screening
+        if screen is None:
+            raise APIError(404, "this server has no guard model: start it with --guard CHECKPOINT", "not_found_error")  # fmt: skip
+        if body.model not in (None, screen.model_name):
+            raise APIError(404, f"model {body.model!r} not found; the guard is {screen.model_name!r}", "not_found_error")  # fmt: skip
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        most = self.limits.max_prompts
+        if not isinstance(texts, list) or not 1 <= len(texts) <= most or not all(isinstance(t, str) for t in texts):  # fmt: skip
+            raise APIError(400, f"input must be a string or a list of 1 to {most} strings")
+        verdicts = await self._screen([[{"role": "user", "content": t}] for t in texts], http)
+        names = screen.names()
+        results = []
+        for v in verdicts:
+            hit = {code for code in v.categories if v.flagged}
+            results.append({
+                "flagged": v.flagged,
+                "categories": {name: code in hit for code, name in names.items()},
+                "category_scores": {name: v.p_unsafe if code in hit else 0.0
+                                    for code, name in names.items()},
+            })  # fmt: skip
+        return {"id": new_id("modr"), "model": screen.model_name, "results": results}
+
+
+def filtered(verdict: GuardResult) -> dict[str, Any]:
+    """The fields of a choice the guard blocked."""
+    results = {"flagged": True, "categories": list(verdict.categories),
+               "p_unsafe": verdict.p_unsafe}  # fmt: skip
+    return {"finish_reason": "content_filter", "content_filter_results": results}
 
 
 def sse(chunks: AsyncIterator[dict], job: Job) -> StreamingResponse:
@@ -395,24 +492,32 @@ def create_app(
     model_name: str,
     limits: Limits = Limits(),
     api_key: str | None = None,
+    screening: Screening | None = None,
 ) -> FastAPI:
-    """The FastAPI app; the scheduler thread runs for the app's lifetime. With `api_key`, the
-    `/v1/` routes need it as a bearer token. `app.state.drain` refuses new requests and waits
-    for those in flight when the server shuts down (`Drain.run`)."""
+    """The FastAPI app; the scheduler thread (and the guard's, with `screening`) runs for the
+    app's lifetime. With `api_key`, the `/v1/` routes need it as a bearer token.
+    `app.state.drain` refuses new requests and waits for those in flight when the server
+    shuts down (`Drain.run`)."""
     metrics = Metrics(scheduler)
-    api = API(scheduler, model_name, limits, metrics)
+    api = API(scheduler, model_name, limits, metrics, screening)
     drain = Drain()
     stop = threading.Event()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
-        thread = threading.Thread(
-            target=scheduler.serve_forever, args=(stop,), name="scheduler", daemon=True
-        )
-        thread.start()
+        served = {"scheduler": scheduler}
+        if screening is not None:
+            served["guard"] = screening.guard.scheduler
+        threads = [
+            threading.Thread(target=s.serve_forever, args=(stop,), name=name, daemon=True)
+            for name, s in served.items()
+        ]
+        for thread in threads:
+            thread.start()
         yield
         stop.set()
-        thread.join(timeout=10)
+        for thread in threads:
+            thread.join(timeout=10)
 
     app = FastAPI(title="llama-jax", lifespan=lifespan)
     app.state.drain = drain
@@ -468,4 +573,5 @@ def create_app(
 
     app.post("/v1/completions")(api.completions)
     app.post("/v1/chat/completions")(api.chat)
+    app.post("/v1/moderations")(api.moderations)
     return app

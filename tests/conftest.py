@@ -23,3 +23,18 @@ def shared_assets() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} not found: tests that need ../shared/assets are skipped")
     return SHARED
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop each module's compiled executables when it ends. Every XLA CPU executable holds
+    memory mappings of its own, and one process compiling the whole suite's shapes would pass
+    the kernel's limit on mappings (vm.max_map_count, 65530 by default), crashing a later
+    compile."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
