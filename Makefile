@@ -7,10 +7,16 @@ PYTHON312 := $(or $(shell python3.12 -c 'print("python3.12")' 2>/dev/null),$(las
 
 .PHONY: demo test lint clean
 
+# After the editable install: lm-eval's start-up hook is copied into place (an editable install
+# skips data files; see pyproject.toml), and the Code Shield tests get the codeshield extra
+# without its dependencies (semgrep's would downgrade protobuf, rich and opentelemetry here;
+# codeshield needs only pyyaml, and semgrep ships a self-contained binary).
 $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON312) -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,tpu]'
+	cp infer/llama_jax_lm_eval.pth "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+	$(PY) -m pip install -q --no-deps codeshield==1.0.1 semgrep==1.100.0
 	touch $(VENV_STAMP)
 
 demo: $(VENV_STAMP)

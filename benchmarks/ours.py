@@ -24,14 +24,16 @@ import numpy as np
 
 from benchmarks.workload import Row, prompt_tokens, train_batch
 from infer.engine import engine_params
-from infer.generate import generate
+from infer.generate import complete, generation_scheduler
 from infer.layer_views import unstack_layers
-from infer.sampling import first_argmax
+from infer.sampling import SamplingParams, first_argmax
+from infer.speculative import DEFAULT_DRAFT_TOKENS, resolve_draft
 from llama_jax.api import Model
 from llama_jax.checkpoint.load import load
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import KVCache
 from llama_jax.model import Params, forward, init_params
+from llama_jax.quantize import quantize_params
 from llama_jax.xla_cpu import train_step_options
 from train.optim import OptimConfig, make_optimizer
 from train.step import build_train_step, init_train_state
@@ -60,31 +62,38 @@ def _decode_timings(start: float, first: float, end: float, new_tokens: int) -> 
 
 
 class EngineDecode:
-    """Greedy generation through `infer.generate.generate`, as `Model.generate` runs it."""
+    """Greedy generation through the scheduler `infer.generate.generate` builds, as
+    `Model.generate` runs it (the scheduler kept for its acceptance rate); for a
+    row with a `draft`, speculatively (one token per call otherwise, the draft built once)."""
 
     def __init__(self, config: LlamaConfig, params: Params, row: Row, steps_per_call: int):
         self.model = Model(config, params)
         self.prompts = prompt_tokens(row, config.vocab_size).tolist()
         self.row = row
-        self.generate = partial(
-            generate,
-            max_new_tokens=row.new_tokens,
-            stop_token_ids=(),  # never stop early: every row generates `new_tokens`
-            max_batch=row.batch,
-            steps_per_call=steps_per_call,
-        )
+        # never stop early: every row generates `new_tokens`
+        self.params = SamplingParams(max_new_tokens=row.new_tokens, stop_token_ids=())
+        draft = resolve_draft(row.draft, config, params, DEFAULT_DRAFT_TOKENS)
+        self.scheduler = partial(
+            generation_scheduler, self.model, self.prompts, self.params, max_batch=row.batch,
+            max_len=None, steps_per_call=1 if draft else steps_per_call, draft=draft,
+        )  # fmt: skip
         self.tokens: list[list[int]] = []
+        self.acceptance_rate: float | None = None
 
     def run(self) -> dict[str, float]:
         start = time.perf_counter()
-        out = self.generate(self.model, self.prompts)
+        scheduler = self.scheduler()
+        out = [choices[0] for choices in complete(scheduler, self.prompts, self.params)]
         end = time.perf_counter()
         self.tokens = [c.token_ids for c in out]
+        if self.row.draft:
+            self.acceptance_rate = scheduler.stats.acceptance_rate
         first = start + min(c.timings["time_to_first_token_s"] for c in out)
         return _decode_timings(start, first, end, self.row.new_tokens)
 
     def check(self) -> dict[str, Any]:
-        return {"tokens": self.tokens}
+        extra = {} if self.acceptance_rate is None else {"acceptance_rate": self.acceptance_rate}
+        return {"tokens": self.tokens, **extra}
 
 
 def _prefill_step(params, cache, tokens, *, config):
@@ -198,10 +207,12 @@ def make_runner(
     model = load_model(hf_dir)
     config, params = model.config, model.params
     del model  # the runner keeps the only reference: no second copy of the weights
+    if row.quantize:
+        params = jax.block_until_ready(quantize_params(params, config, row.quantize))
     if row.kind == "prefill":
         return Prefill(config, params, row)
     if row.kind == "train":
         return Train(config, params, row)
-    if decode_path == "loop":
+    if decode_path == "loop" and not row.draft:  # speculation runs in the engine only
         return LoopDecode(config, unstack_layers(params), row, steps_per_call)
     return EngineDecode(config, params, row, steps_per_call)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.workload import (
+    QUANTIZED_SPEEDUP_TARGETS,
     TARGETS,
     Row,
     decode_step_bytes,
@@ -91,6 +92,23 @@ def _agreement(row: Row, ours: dict, ref: dict) -> dict[str, Any]:
     }
 
 
+def add_quantized_speedups(rows: list[dict[str, Any]], quantize: dict[str, str | None]) -> None:
+    """Give each quantized row (`quantize[name]`, its mode) `vs_float32`: its tokens/s over
+    that of its float row (the name without the mode suffix) in the same run, with the
+    `QUANTIZED_SPEEDUP_TARGETS` goal among its targets."""
+    by_name = {r["name"]: r for r in rows}
+    for r in rows:
+        mode = quantize.get(r["name"])
+        base = by_name.get(r["name"].removesuffix(f"_{mode}")) if mode else None
+        if base is None:
+            continue
+        r["vs_float32"] = r["ours"] / base["ours"]
+        goal = QUANTIZED_SPEEDUP_TARGETS.get(r["name"])
+        if goal is not None:
+            met = r["vs_float32"] >= goal
+            r["targets"]["vs_float32"] = {"target": goal, "value": r["vs_float32"], "met": met}
+
+
 def _targets(name: str, row_report: dict[str, Any]) -> dict[str, Any]:
     values = {
         "bandwidth_util": row_report["ours_detail"].get("bandwidth_util"),
@@ -125,6 +143,8 @@ def row_report(row: Row, config: LlamaConfig, limits: dict, measured: dict) -> d
         "agreement": _agreement(row, measured["ours"]["check"], measured["reference"]["check"]),
         "retried_pairs": measured["retried_pairs"],
     }
+    if "acceptance_rate" in measured["ours"]["check"]:  # speculative decoding's draft tokens
+        out["acceptance_rate"] = measured["ours"]["check"]["acceptance_rate"]
     out["targets"] = _targets(row.name, out)
     return out
 
@@ -162,7 +182,9 @@ def target_marks(targets: dict[str, dict[str, Any]]) -> str:
     marks = {True: "ok", False: "MISSED", None: "no peak"}
 
     def mark(key: str, t: dict[str, Any]) -> str:
-        goal = f" >= {t['target']:.0%}" if key != "peak_memory" else ""
+        goal = {"peak_memory": "", "vs_float32": f" >= {t['target']:.1f}x"}.get(
+            key, f" >= {t['target']:.0%}"
+        )
         return f"{key}{goal} {marks[t['met']]}"
 
     return ", ".join(mark(k, t) for k, t in targets.items())
@@ -205,5 +227,11 @@ def table(report: dict[str, Any]) -> str:
         lines.append(
             f"{r['name']}: step {o['step_ms']:.1f} ms vs {f['step_ms']:.1f} ms; first token "
             f"{o['first_token_ms']:.0f} ms vs {f['first_token_ms']:.0f} ms."
+            + (f" {r['vs_float32']:.2f}x our float32 tokens/s." if "vs_float32" in r else "")
+            + (
+                f" {r['acceptance_rate']:.0%} of draft tokens accepted."
+                if "acceptance_rate" in r
+                else ""
+            )
         )
     return "\n".join(lines)

@@ -28,7 +28,7 @@ from typing import Any
 
 from benchmarks.contention import wait_for_quiet
 from benchmarks.ours import random_params
-from benchmarks.report import row_report, table
+from benchmarks.report import add_quantized_speedups, row_report, table
 from benchmarks.worker import Spec, build
 from benchmarks.workload import BENCH_PRESET, ROWS, WEIGHT_SEED, Row, resolve_row
 from llama_jax.api import Model
@@ -208,6 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows = [resolve_row(row.name, args.new_tokens) for row in rows]
         measured = [(row, measure_row(row, spec, args)) for row in rows]
         report_rows = [row_report(row, config, limits, m) for row, m in measured]
+        add_quantized_speedups(report_rows, {row.name: row.variant for row in rows})
     return {
         "limits": limits,
         "rows": report_rows,

@@ -34,6 +34,17 @@ class Row:
     length: int
     new_tokens: int = 0
     iters: int = 5  # timed iterations per side (after warm-up)
+    # Our side's weights quantized in this mode (`llama_jax.quantize`); the reference stays
+    # float32, so the ratio shows what quantization buys against the same yardstick.
+    quantize: str | None = None
+    # Our side decodes speculatively with this draft (`--draft`, e.g. "self-int8"); greedy, so
+    # its tokens stay the float32 model's and the reference is unchanged.
+    draft: str | None = None
+
+    @property
+    def variant(self) -> str | None:
+        """The suffix naming what this row changes against its float32 row, if anything."""
+        return self.quantize or ("spec" if self.draft else None)
 
     @property
     def tokens(self) -> int:
@@ -49,6 +60,10 @@ class Row:
 ROWS: tuple[Row, ...] = (
     Row("decode_b1", "decode", batch=1, length=64, new_tokens=128),
     Row("decode_b8", "decode", batch=8, length=64, new_tokens=128),
+    Row("decode_b1_int8", "decode", batch=1, length=64, new_tokens=128, quantize="int8"),
+    Row("decode_b8_int8", "decode", batch=8, length=64, new_tokens=128, quantize="int8"),
+    Row("decode_b1_spec", "decode", batch=1, length=64, new_tokens=128, draft="self-int8"),
+    Row("decode_b8_spec", "decode", batch=8, length=64, new_tokens=128, draft="self-int8"),
     Row("prefill_512", "prefill", batch=1, length=512, iters=15),
     Row("train_b4x256", "train", batch=4, length=256),
 )
@@ -71,6 +86,9 @@ TARGETS: dict[str, dict[str, float]] = {
     "prefill_512": {"mfu": 0.75},
     "train_b4x256": {"mfu": 0.60},
 }
+# A quantized or speculative row's tokens/s over its float row's (ours, same run), at the least.
+QUANTIZED_SPEEDUP_TARGETS: dict[str, float] = {"decode_b1_int8": 1.8, "decode_b1_spec": 1.0}
+QUANTIZED_BYTES = 1  # one stored int8 / fp8 weight
 
 
 def prompt_tokens(row: Row, vocab_size: int) -> np.ndarray:
@@ -127,10 +145,12 @@ def decode_step_bytes(config: LlamaConfig, row: Row, dtype_bytes: int = FLOAT32_
     Every matmul weight (the output head too, tied or not) and every norm is read once per step.
     The embedding table is gathered: only `batch` rows of it are read. The KV cache read is what
     attention over the valid prefix needs. `dtype_bytes`: the size of one stored weight and
-    cache entry (float32 in the CPU rows, bfloat16 in `benchmarks.gpu`).
+    cache entry (float32 in the CPU rows, bfloat16 in `benchmarks.gpu`); a quantized row's
+    matmul weights take one byte each (their per-channel scales, under 1% more, not counted).
     """
     norms = config.dim * (2 * config.n_layers + 1)
-    weights = (config.matmul_params() + norms) * dtype_bytes
+    matmul_bytes = QUANTIZED_BYTES if row.quantize else dtype_bytes
+    weights = config.matmul_params() * matmul_bytes + norms * dtype_bytes
     embedding_rows = row.batch * config.dim * dtype_bytes
     mean_context = row.length + row.new_tokens / 2
     kv = 2 * config.n_layers * config.n_kv_heads * config.head_dim * dtype_bytes

@@ -40,6 +40,7 @@ from infer.blocks import BlockAllocator
 from infer.engine import Chunk, Engine, EngineError, bucket
 from infer.grammar import Constraint, allow_all, compile_response_format
 from infer.sampling import Sampled, SamplingParams
+from infer.speculative import Verified, refusal
 from infer.text import TextStream
 from llama_jax.tokenizer import default_stop_ids
 
@@ -126,6 +127,7 @@ class _Inflight:
 
     owners: list[Request | None]
     out: Sampled  # arrays [steps, rows] (decode) or [rows] (prefill first token)
+    counts: jax.Array | None = None  # [rows] real tokens of a speculative call's steps
 
 
 @dataclass
@@ -137,6 +139,13 @@ class SchedulerStats:
     preemptions: int = 0
     prefilled_tokens: int = 0
     cached_tokens: int = 0
+    draft_proposed: int = 0  # speculative decoding: tokens the draft proposed
+    draft_accepted: int = 0  # ... and those the target kept
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted draft tokens per proposed one (0 before any speculative call)."""
+        return self.draft_accepted / self.draft_proposed if self.draft_proposed else 0.0
 
 
 class Scheduler:
@@ -194,6 +203,8 @@ class Scheduler:
             self.engine.config.check_token_ids(prompt_ids, "prompt")
         except ValueError as e:
             raise EngineError(str(e)) from None
+        if self.engine.draft is not None and (setting := refusal(params)) is not None:
+            raise EngineError(f"{setting} cannot be combined with speculative decoding (--draft)")
         stop_ids = self.default_stop_ids if params.stop_token_ids is None else params.stop_token_ids
         try:
             stream = TextStream(self.tokenizer, params.stop)
@@ -266,18 +277,27 @@ class Scheduler:
         if active:
             dispatched = True
             owners = [self._running.get(s) if s in set(active) else None for s in self._rows]
-            masks = self._masks(owners) if sync else None
-            self._inflight.append(_Inflight(owners, self.engine.decode(self._tables(), masks)))
-            steps = 1 if sync else self.engine.steps_per_call
+            self._inflight.append(self._decode(owners, sync))
+            steps = 1 if sync else self.engine.tokens_per_call  # at most, speculating
             for slot in active:
                 request = self._running[slot]
                 request.computed = min(request.computed + steps, request.max_total)
-        keep = 1 if dispatched and not sync else 0
+        # A speculative call's token count is known only once read: it is read at once, so
+        # the next call's blocks are reserved from the sequence's true length.
+        keep = 1 if dispatched and not sync and self.engine.draft is None else 0
         while len(self._inflight) > keep:
             self._read(self._inflight.popleft())
         self.stats.peak_running = max(self.stats.peak_running, len(self._running))
         self.stats.peak_blocks = max(self.stats.peak_blocks, self.blocks.in_use)
         return dispatched or bool(self._inflight)
+
+    def _decode(self, owners: list[Request | None], sync: bool) -> _Inflight:
+        """Dispatch the decode call of every decoding slot (speculative with a draft)."""
+        if self.engine.draft is not None:
+            verified: Verified = self.engine.decode_speculative(self._tables())
+            return _Inflight(owners, verified.out, verified.counts)
+        masks = self._masks(owners) if sync else None
+        return _Inflight(owners, self.engine.decode(self._tables(), masks))
 
     @property
     def _rows(self) -> range:
@@ -330,7 +350,7 @@ class Scheduler:
     def _reserve_decode(self) -> None:
         """Give every decoding sequence the blocks its next call writes, oldest first,
         preempting the latest admitted sequences while the pool is short."""
-        steps = self.engine.steps_per_call
+        steps = self.engine.tokens_per_call
         for request in sorted(self._running.values(), key=lambda r: r.admitted):
             if request.prefilling or request.slot is None:
                 continue
@@ -443,7 +463,7 @@ class Scheduler:
         of the first decode call, so a finished prompt can always decode."""
         start, remaining = request.computed, len(request.seq) - request.computed
         n = min(remaining, budget)
-        steps = self.engine.steps_per_call
+        steps = self.engine.tokens_per_call
         end = min(start + n + steps, request.max_total) if n == remaining else start + n
         if not self._grow(request, end):
             room = (len(request.blocks) + self.blocks.available) * self.engine.block_size
@@ -491,13 +511,22 @@ class Scheduler:
 
     def _read(self, item: _Inflight) -> None:
         """Host side of one dispatched call: accept each owner's tokens in order."""
-        out = jax.device_get(item.out)  # one transfer of every array
+        out, counts = jax.device_get((item.out, item.counts))  # one transfer of every array
         tokens, logprobs, top_ids, top_lps = (
             np.asarray(x)[None] if item.out.tokens.ndim == 1 else np.asarray(x) for x in out
         )  # prefill results have no step axis
         for row, request in enumerate(item.owners):
-            for step in range(tokens.shape[0]):
-                if request is None or request.done.is_set():
+            if request is None or request.done.is_set():
+                continue
+            steps = tokens.shape[0] if counts is None else int(counts[row])
+            if counts is not None:
+                self.stats.draft_proposed += tokens.shape[0] - 1
+                self.stats.draft_accepted += steps - 1
+                # The pools hold the sequence but its newest token (the next call's input),
+                # which is what a release registers in the prefix cache.
+                request.computed = len(request.prompt_ids) + len(request.token_ids) + steps - 1
+            for step in range(steps):
+                if request.done.is_set():
                     break
                 alternatives = zip(top_ids[step, row], top_lps[step, row], strict=True)
                 self._accept(request, int(tokens[step, row]), logprobs[step, row], alternatives)
@@ -554,7 +583,7 @@ def scheduler_for(
     """An engine over a loaded `Model` (its params, mesh and tokenizer, whose stop tokens end
     generation by default) and the scheduler that feeds it. The CLI, the server and `generate`
     all build theirs here; `engine_options` are `Engine`'s (block_size, num_blocks,
-    prefill_chunk, steps_per_call, rules)."""
+    prefill_chunk, steps_per_call, rules, draft: a `Draft` for speculative decoding)."""
     engine = Engine(
         model.config, model.params, slots=slots, max_len=max_len, mesh=model.mesh, **engine_options
     )

@@ -25,12 +25,15 @@ import uvicorn
 from infer import lockstep
 from infer.access_log import AccessLog
 from infer.batching import Request, Scheduler, scheduler_for
+from infer.code_shield import CodeShieldError, CodeShieldScanner, Policy, ScanResult
+from infer.code_shield import load as load_code_shield_scanner
 from infer.engine import DEFAULT_BLOCK_SIZE, EngineError, bucket
 from infer.generate import Completion
 from infer.guard import GuardVersion, LlamaGuard, Screening
 from infer.ops import CANCEL_GRACE_S, Drain
 from infer.sampling import SamplingError, SamplingParams
 from infer.server import Limits, create_app
+from infer.speculative import DEFAULT_DRAFT_TOKENS, SELF_INT8, Draft, DraftError, self_int8_draft
 from infer.tools import check_tools, may_be_tool_call, with_tools
 from llama_jax import compile_cache, platforms
 from llama_jax.api import Model, init
@@ -39,6 +42,8 @@ from llama_jax.checkpoint.errors import CheckpointError
 from llama_jax.checkpoint.load import load
 from llama_jax.checkpoint.peft import merge_into
 from llama_jax.config import ConfigError, preset
+from llama_jax.kv_cache import QUANTIZED
+from llama_jax.quantize import MODES, as_quantized
 from llama_jax.tokenizer import BYTE_TOKENIZER, ByteTokenizer, open_tokenizer
 from llama_jax.tokenizer_base import TokenizerError
 from sharding.mesh import ShardingError, make_mesh
@@ -87,6 +92,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", help='device mesh, e.g. "tensor=4" or "data=2,tensor=4"')
     p.add_argument("--rules", default="infer_tp", help="sharding rule preset (default infer_tp)")
     p.add_argument("--dtype", help="cast parameters to float32 / bfloat16 / float16")
+    p.add_argument(
+        "--quantize",
+        choices=tuple(MODES),
+        help="weight-only quantization of every projection and the head at load: int8 or "
+        "fp8 (e4m3), one scale per output channel (a checkpoint stored quantized needs none)",
+    )
     p.add_argument("--lora", metavar="ADAPTER_DIR", help="merge this PEFT LoRA adapter at load")
     p.add_argument(
         "--max-seq-len",
@@ -96,6 +107,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=positive, default=8, help="decode slots (default 8)")
     p.add_argument("--prefill-chunk", type=positive, default=512, help="prefill chunk tokens")
     p.add_argument("--steps-per-call", type=positive, default=1, help="decode steps per call")
+    p.add_argument(
+        "--draft",
+        metavar=f"CHECKPOINT|{SELF_INT8}",
+        help="speculative decoding: a smaller model of the same tokenizer proposes tokens, or "
+        f"{SELF_INT8} (this model's weights in int8); greedy output is unchanged",
+    )
+    p.add_argument(
+        "--draft-tokens",
+        type=positive,
+        default=DEFAULT_DRAFT_TOKENS,
+        metavar="K",
+        help=f"tokens the draft proposes per decode call (default {DEFAULT_DRAFT_TOKENS})",
+    )
     p.add_argument(
         "--block-size",
         type=positive,
@@ -118,6 +142,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default="paged",
         help="paged (default): blocks of --block-size from one pool; contiguous: one "
         "whole-context row per slot (no prefix cache; for comparison)",
+    )
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", QUANTIZED),
+        default="auto",
+        help="KV cache storage: auto (default: the compute dtype) or int8 (per token, per "
+        "KV head scales; about half the bytes of bfloat16)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log compiles and timings")
 
@@ -202,6 +233,11 @@ def load_model(args: argparse.Namespace) -> Model:
             model.params, model.mesh = place(model.params, config, mesh, args.rules), mesh
     if args.lora:
         model = merge_into(model, args.lora)
+    if args.quantize:
+        try:
+            model.params = as_quantized(model.params, model.config, args.quantize)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
     if args.tokenizer:
         try:
             model.tokenizer = (
@@ -232,7 +268,7 @@ def make_scheduler(
     model: Model, args: argparse.Namespace, max_len: int, slots: int, max_waiting: int = 1024
 ) -> Scheduler:
     """The scheduler over `model`, its KV pool laid out as --kv-layout, --block-size and
-    --kv-blocks say."""
+    --kv-blocks say, stored as --kv-cache-dtype says."""
     block_size, num_blocks, prefix_cache = args.block_size, args.kv_blocks, args.prefix_cache
     if args.kv_layout == "contiguous":
         if block_size or num_blocks:
@@ -249,7 +285,24 @@ def make_scheduler(
         prefill_chunk=args.prefill_chunk,
         steps_per_call=args.steps_per_call,
         rules=args.rules,
+        kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
+        draft=load_draft(model, args),
     )
+
+
+def load_draft(model: Model, args: argparse.Namespace) -> Draft | None:
+    """--draft as the engine's `Draft`: a checkpoint loaded as the target is (--dtype, --mesh),
+    or the target quantized (self-int8)."""
+    if args.draft is None:
+        return None
+    try:
+        if args.draft == SELF_INT8:
+            return self_int8_draft(model.config, model.params, args.draft_tokens)
+        shardings = None if model.mesh is None else resolver(model.mesh, args.rules)
+        draft = load(args.draft, dtype=args.dtype, shardings=shardings)
+    except (DraftError, CheckpointError, ConfigError, OSError) as e:
+        raise CLIError(f"--draft {args.draft}: {e}") from None
+    return Draft(draft.config, draft.params, args.draft_tokens)
 
 
 def need_tokenizer(model: Any, args: argparse.Namespace, flag: str) -> Any:
@@ -290,8 +343,41 @@ def generation_parser() -> Parser:
     p.add_argument("--system", help="system message (--chat)")
     p.add_argument("--tools", help="JSON file with a list of OpenAI tool definitions (--chat)")
     p.add_argument("--json", action="store_true", help="one JSON object per result on stdout")
+    add_code_shield_arg(p)
     add_sampling_args(p)
     return p
+
+
+def add_code_shield_arg(p: argparse._ActionsContainer) -> None:
+    p.add_argument("--code-shield", nargs="?", const=Policy.BLOCK.value, metavar="block|warn",
+                   choices=[policy.value for policy in Policy],
+                   help="scan each reply for insecure code with Meta's Code Shield: block what "
+                   "it recommends blocking (default) or only warn")  # fmt: skip
+
+
+def load_code_shield(args: argparse.Namespace) -> CodeShieldScanner | None:
+    """The --code-shield scanner (its semgrep checked); None without the flag."""
+    if not args.code_shield:
+        return None
+    try:
+        return load_code_shield_scanner(args.code_shield)
+    except CodeShieldError as e:
+        raise CLIError(f"--code-shield: {e}") from None
+
+
+BLOCKED_TEXT = "[blocked by Code Shield]"
+
+
+def shown(text: str, scan: ScanResult | None) -> str:
+    """A reply as printed: withheld when Code Shield blocks it."""
+    return BLOCKED_TEXT if scan is not None and scan.blocked else text
+
+
+def report(scan: ScanResult | None) -> None:
+    """Code Shield's findings on stderr, after the reply they are about."""
+    for issue in scan.issues if scan is not None else ():
+        print(f"code shield: {issue['cwe_id']} ({issue['severity']}) line {issue['line']}: "
+              f"{issue['description']}", file=sys.stderr)  # fmt: skip
 
 
 def read_jobs(
@@ -371,22 +457,38 @@ def run_prompts(model: Any, args: argparse.Namespace) -> None:
         jobs, what = [(args.prompt_ids, sampling_from(args))], "--prompt-ids"
     context = context_len(model, args)
     check_fits(jobs, context, what)
+    shield = load_code_shield(args)
     needed = max(len(ids) + s.max_new_tokens for ids, s in jobs)
     scheduler = make_scheduler(
         model, args, bucket(needed, 64, context), bucket(len(jobs), 1, args.max_batch)
     )
-    stream = len(jobs) == 1 and not args.json and model.tokenizer is not None
+    # A reply Code Shield scans is shown once scanned.
+    stream = len(jobs) == 1 and not args.json and model.tokenizer is not None and shield is None
     on_update = (lambda _, piece: print(piece, end="", flush=True)) if stream else None
     requests = [scheduler.submit(ids, s, on_update) for ids, s in jobs]
     scheduler.run_until_done(requests)
     for r in requests:
+        scan = shield.scan_blocking(r.text) if shield is not None else None
         if args.json:
-            print(json.dumps(result_json(r, decoded=model.tokenizer is not None)), flush=True)
-        elif stream:
+            out = result_json(r, decoded=model.tokenizer is not None)
+            if scan is not None:
+                out["code_shield"] = scan.to_json()
+            print(json.dumps(out), flush=True)
+            continue
+        if stream:
             print()
+        elif model.tokenizer is None:
+            print(" ".join(map(str, r.token_ids)))
         else:
-            print(r.text if model.tokenizer is not None else " ".join(map(str, r.token_ids)))
+            print(shown(r.text, scan))
+        report(scan)
     logging.getLogger(PROG).info("compiled: %s", scheduler.engine.compiles)
+    if scheduler.engine.draft is not None:
+        stats = scheduler.stats
+        logging.getLogger(PROG).info(
+            "speculative decoding: %d of %d draft tokens accepted (%.1f%%)",
+            stats.draft_accepted, stats.draft_proposed, 100 * stats.acceptance_rate,
+        )  # fmt: skip
 
 
 # Why "text" is null in --json output: the ids were never decoded.
@@ -424,6 +526,7 @@ def run_chat(model: Any, args: argparse.Namespace) -> None:
     conversation, `/tool TEXT` answers a tool call with its result, `/exit` (or EOF) quits."""
     tok = need_chat_tokenizer(model, args, "--chat")
     tools = load_tools(args.tools)
+    shield = load_code_shield(args)
     params = sampling_from(args)
     context = context_len(model, args, resident=True)
     scheduler = make_scheduler(model, args, context, 1)
@@ -457,13 +560,18 @@ def run_chat(model: Any, args: argparse.Namespace) -> None:
             history.pop()
             continue
         warned = warned or warn_if_capped(len(ids), params.max_new_tokens, context)
-        request, streamed = chat_turn(scheduler, ids, params, hold=bool(tools), quiet=args.json)
+        quiet = args.json or shield is not None  # a scanned reply is shown once scanned
+        request, streamed = chat_turn(scheduler, ids, params, hold=bool(tools), quiet=quiet)
         message = parse_assistant(tok, request.token_ids) if tools else None
         if message is None or not message["tool_calls"]:
             message = {"role": "assistant", "content": request.text}
         history.append(message)
+        scan = shield.scan_blocking(request.text) if shield is not None else None
         if args.json:
-            print(json.dumps({**result_json(request), "message": message}), flush=True)
+            out = {**result_json(request), "message": message}
+            if scan is not None:
+                out["code_shield"] = scan.to_json()
+            print(json.dumps(out), flush=True)
             continue
         if streamed:
             print()
@@ -471,7 +579,8 @@ def run_chat(model: Any, args: argparse.Namespace) -> None:
         for call in calls:
             print(f"[tool call] {call['function']['name']}({call['function']['arguments']})")
         if not streamed and not calls:
-            print(request.text, flush=True)
+            print(shown(request.text, scan), flush=True)
+        report(scan)
 
 
 def load_tools(path: str | None) -> list[dict[str, Any]]:
@@ -542,6 +651,7 @@ def server_parser() -> Parser:
                        help="block when P(unsafe) >= P (default 0.5)")  # fmt: skip
     guard.add_argument("--guard-excluded", type=code_list, default=(), metavar="S1,S5",
                        help="categories the guard does not check")  # fmt: skip
+    add_code_shield_arg(guard)
     lockstep.add_args(p)
     return p
 
@@ -577,10 +687,13 @@ def serve(model: Model, args: argparse.Namespace, group: lockstep.Group | None =
     """Build the app of `infer.server` over the model and run it until interrupted. In a
     multi-host job (`group`) only process 0 serves; the others follow its engine calls."""
     context = context_len(model, args, resident=True)
+    if group is not None and args.draft:  # the followers mirror plain engine calls only
+        raise CLIError("--draft is not supported in a multi-host job")
     scheduler = make_scheduler(model, args, context, args.max_batch, args.max_waiting)
     if group is not None and args.guard:
         raise CLIError("--guard is not supported in a multi-host job")
     screening = load_screening(args)
+    code_shield = load_code_shield(args)
     if group is not None:
         if not group.serving:
             print(f"process {group.rank}: following process 0", file=sys.stderr, flush=True)
@@ -593,7 +706,12 @@ def serve(model: Model, args: argparse.Namespace, group: lockstep.Group | None =
     )
     name = args.model_name or (Path(args.checkpoint).name if args.checkpoint else args.preset)
     app = create_app(
-        scheduler, model_name=name, limits=limits, api_key=args.api_key, screening=screening
+        scheduler,
+        model_name=name,
+        limits=limits,
+        api_key=args.api_key,
+        screening=screening,
+        code_shield=code_shield,
     )
     if not args.quiet:
         app.add_middleware(AccessLog, write=partial(print, flush=True))

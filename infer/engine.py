@@ -42,8 +42,9 @@ from infer.sampling import (
     logprob_level,
     sample,
 )
+from infer.speculative import Draft, DraftError, Verified, draft_prefill, speculate
 from llama_jax.config import LlamaConfig
-from llama_jax.kv_cache import CACHE_AXES, PAGED_AXES, PagedKVCache
+from llama_jax.kv_cache import CACHE_AXES, PAGED_AXES, QUANTIZED, PagedKVCache, Stored, map_stored
 from llama_jax.model import Params, forward
 from sharding.rules import logical_to_sharding, split_size, with_rules
 
@@ -60,8 +61,8 @@ class EngineError(ValueError):
 class DecodeState(NamedTuple):
     """What the engine's calls carry and donate: the pool and each slot's decode state."""
 
-    k: jax.Array  # the pool, [layers, kv_heads, blocks, block_size, head_dim]
-    v: jax.Array
+    k: Stored  # the pool, [layers, kv_heads, blocks, block_size, head_dim] (or int8 + scales)
+    v: Stored
     tokens: jax.Array  # int32 [slots]: the last token, the next decode step's input
     lengths: jax.Array  # int32 [slots]: tokens in the cache
     history: TokenHistory  # [slots, vocab]
@@ -160,6 +161,14 @@ def _jit_all(wrap=lambda f: f):
         "decode": jax.jit(
             wrap(_decode), static_argnames=("config", "n_steps", "n_top"), donate_argnums=(1,)
         ),
+        "draft_prefill": jax.jit(
+            wrap(draft_prefill), static_argnames=("config",), donate_argnums=(1,)
+        ),
+        "speculate": jax.jit(
+            wrap(speculate),
+            static_argnames=("config", "draft_config", "k", "n_top"),
+            donate_argnums=(1, 3),
+        ),
     }
 
 
@@ -185,6 +194,10 @@ class Engine:
     layout: one whole-context row per sequence. With a `mesh`, the pool is placed by
     `sharding` rules (`rules`, default "infer_tp": KV heads over `tensor`, blocks whole) and
     activations are constrained by the same table; `params` must already be on that mesh.
+    A `draft` makes decode calls speculative (`decode_speculative`, `infer.speculative`): it
+    keeps a pool of its own beside the target's, written through the same block tables.
+    `kv_cache_dtype` is the pool's: None for the compute dtype, or "int8" (`QuantizedKV`: int8
+    values with per token, per KV head scales, about half a bfloat16 pool's bytes).
     """
 
     def __init__(
@@ -200,7 +213,14 @@ class Engine:
         steps_per_call: int = 1,
         mesh: jax.sharding.Mesh | None = None,
         rules: str = "infer_tp",
+        kv_cache_dtype: str | None = None,
+        draft: Draft | None = None,
     ) -> None:
+        if kv_cache_dtype not in (None, QUANTIZED):
+            raise EngineError(
+                f"kv_cache_dtype must be None or {QUANTIZED!r}, got {kv_cache_dtype!r}"
+            )
+        self.kv_cache_dtype = kv_cache_dtype
         self.config = config
         self.params = engine_params(params, mesh)
         # The slots fill the decode batch, which must divide over the mesh axes the rules split
@@ -217,21 +237,34 @@ class Engine:
         self.num_blocks = num_blocks or self.slots * self.blocks_per_seq
         self.prefill_chunk = bucket(prefill_chunk, MIN_PREFILL_LEN, 1 << 30)
         self.steps_per_call = steps_per_call
+        if draft is not None:
+            try:
+                draft.check(config)
+            except DraftError as e:
+                raise EngineError(str(e)) from None
+            if steps_per_call != 1:
+                raise EngineError("--steps-per-call must be 1 with --draft (a call already "
+                                  "yields up to --draft-tokens + 1 tokens)")  # fmt: skip
+            draft = Draft(draft.config, engine_params(draft.params, mesh), draft.tokens)
+        self.draft = draft
         self.compiles: list[str] = []
         self.mesh, self.rules = mesh, rules
         self.reset()
 
     @property
     def kv_bytes_per_block(self) -> int:
-        c = self.config
-        per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim
-        return per_token * self.block_size * jnp.dtype(c.compute_dtype).itemsize
+        """Bytes of k and v (values and any scales) one block holds, over all layers."""
+        pool = jax.eval_shape(
+            lambda: PagedKVCache.pool_zeros(self.config, 1, self.block_size, self.kv_cache_dtype)
+        )
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(pool))
 
     def reset(self) -> None:
         """An empty pool with every slot free (also the way back from a failed call, whose
         donated buffers may be gone)."""
         self._fns = _jitted(self.mesh, self.rules)
         self.state = self._zeros()
+        self.draft_pool = None if self.draft is None else self._draft_zeros()
         self._host = SlotParams.host([(SamplingParams(), 0)] * self.slots)
         self._active = np.zeros(self.slots, np.bool_)
         self._want = np.full(self.slots, NO_LOGPROBS)
@@ -241,14 +274,18 @@ class Engine:
         c, s = self.config, self.slots
 
         def zeros() -> DecodeState:
-            k, v = PagedKVCache.pool_zeros(c, self.num_blocks, self.block_size)
+            k, v = PagedKVCache.pool_zeros(c, self.num_blocks, self.block_size, self.kv_cache_dtype)
             ids = functools.partial(jnp.zeros, (s,), jnp.int32)  # two buffers: both are donated
             return DecodeState(k, v, ids(), ids(), TokenHistory.zeros(s, c.vocab_size))
 
         if self.mesh is None:  # eager zeros: a jit of this fresh closure would compile each time
             return zeros()
         shape = jax.eval_shape(zeros)
-        pool = logical_to_sharding(PAGED_AXES, self.mesh, self.rules, shape.k.shape, "KV pool")
+        pool = map_stored(
+            lambda x, names: logical_to_sharding(names, self.mesh, self.rules, x.shape, "KV pool"),
+            shape.k,
+            PAGED_AXES,
+        )
         rows = CACHE_AXES[1:2]
         row = logical_to_sharding(rows, self.mesh, self.rules, shape.tokens.shape, "slots")
         hist = logical_to_sharding(
@@ -256,6 +293,19 @@ class Engine:
         )
         shardings = DecodeState(pool, pool, row, row, TokenHistory(hist, hist))
         return jax.jit(zeros, out_shardings=shardings)()
+
+    def _draft_zeros(self) -> tuple[jax.Array, jax.Array]:
+        """The draft's empty pool: the target's blocks, in the draft's shapes."""
+        pool = PagedKVCache.pool_zeros(self.draft.config, self.num_blocks, self.block_size)
+        if self.mesh is None:
+            return pool
+        where = logical_to_sharding(PAGED_AXES, self.mesh, self.rules, pool[0].shape, "draft pool")
+        return jax.device_put(pool, where)
+
+    @property
+    def tokens_per_call(self) -> int:
+        """The most tokens one decode call adds to a slot (the blocks it may write)."""
+        return self.steps_per_call if self.draft is None else self.draft.tokens + 1
 
     # --- bookkeeping -----------------------------------------------------------------------
 
@@ -311,11 +361,16 @@ class Engine:
             f"prefill rows={rows} chunk={length} blocks={width} logprobs={n_top} "
             f"masked={bitmask is not None}"
         )
+        tables = self.table([c.blocks for c in chunks] + [[]] * pad, width)
+        starts = column((c.start for c in chunks), 0)
+        lengths = column((len(c.tokens) for c in chunks), 0)
+        if self.draft is not None:
+            self.draft_pool = self._fns["draft_prefill"](
+                self.draft.params, self.draft_pool, tokens, tables, starts, lengths,
+                config=self.draft.config,
+            )  # fmt: skip
         self.state, first = self._fns["prefill"](
-            self.params, self.state, tokens,
-            self.table([c.blocks for c in chunks] + [[]] * pad, width),
-            column((c.start for c in chunks), 0),
-            column((len(c.tokens) for c in chunks), 0),
+            self.params, self.state, tokens, tables, starts, lengths,
             column((c.slot for c in chunks), self.slots),
             column((c.generated_from for c in chunks), 0),
             column((c.last for c in chunks), False, np.bool_),
@@ -337,15 +392,19 @@ class Engine:
 
     # --- decode ----------------------------------------------------------------------------
 
+    def _slots_on_device(self) -> tuple[SlotParams, jax.Array, int | None]:
+        """The slots' settings and activity on the device (sent once per change) and the
+        log-prob setting the active slots need."""
+        if self._device_slots is None:
+            self._device_slots = jax.device_put((self._host, self._active.copy()))
+        return (*self._device_slots, _n_top(self._want[self._active]))
+
     def decode(self, tables: np.ndarray, bitmask: np.ndarray | None = None) -> Sampled:
         """One decode call for all slots: `steps_per_call` tokens each (1 with a `bitmask`
         [slots, words]), arrays [steps, slots] still on device. `tables` [slots, width] are the
         slots' blocks, covering their lengths plus the steps (see `table`). Inactive slots
         produce tokens that mean nothing."""
-        if self._device_slots is None:
-            self._device_slots = jax.device_put((self._host, self._active.copy()))
-        slot_params, active = self._device_slots
-        n_top = _n_top(self._want[self._active])
+        slot_params, active, n_top = self._slots_on_device()
         steps = 1 if bitmask is not None else self.steps_per_call
         self._compiled(
             f"decode slots={self.slots} blocks={tables.shape[1]} steps={steps} "
@@ -354,6 +413,20 @@ class Engine:
         self.state, out = self._fns["decode"](
             self.params, self.state, tables, slot_params, active, bitmask,
             config=self.config, n_steps=steps, n_top=n_top,
+        )  # fmt: skip
+        return out
+
+    def decode_speculative(self, tables: np.ndarray) -> Verified:
+        """One speculative call for all slots (an engine with a `draft`): up to
+        `tokens_per_call` tokens each, arrays [tokens_per_call, slots] of which each slot's
+        first `counts` are real. `tables` cover the slots' lengths plus `tokens_per_call`."""
+        slot_params, active, n_top = self._slots_on_device()
+        k = self.draft.tokens
+        self._compiled(f"speculate slots={self.slots} blocks={tables.shape[1]} k={k} "
+                       f"logprobs={n_top}")  # fmt: skip
+        self.state, self.draft_pool, out = self._fns["speculate"](
+            self.params, self.state, self.draft.params, self.draft_pool, tables, slot_params,
+            active, config=self.config, draft_config=self.draft.config, k=k, n_top=n_top,
         )  # fmt: skip
         return out
 

@@ -20,6 +20,7 @@ from infer.batching import Request, Scheduler, scheduler_for
 from infer.engine import bucket
 from infer.grammar import canonical_response_format
 from infer.sampling import SamplingParams, choice_params
+from infer.speculative import DEFAULT_DRAFT_TOKENS, resolve_draft
 
 
 @dataclass
@@ -112,6 +113,29 @@ def complete(
     return [out[i : i + n] for i in range(0, len(out), n)]
 
 
+def generation_scheduler(
+    model: Any,
+    ids: Sequence[Sequence[int]],
+    params: SamplingParams,
+    n: int = 1,
+    *,
+    max_batch: int,
+    max_len: int | None,
+    **engine_options: Any,
+) -> Scheduler:
+    """The scheduler `generate` runs `n` completions of the prompts `ids` through: as many
+    slots as completions (at most `max_batch`), a context of `max_len` or what the longest
+    prompt plus `max_new_tokens` needs (a power of two)."""
+    needed = max(map(len, ids)) + params.max_new_tokens
+    return scheduler_for(
+        model,
+        slots=bucket(len(ids) * n, 1, max_batch),
+        max_len=max_len or bucket(needed, 64, model.config.max_seq_len),
+        max_waiting=len(ids) * n,
+        **engine_options,
+    )
+
+
 def generate(
     model: Any,
     prompts: Any,
@@ -121,6 +145,8 @@ def generate(
     max_batch: int = 16,
     max_len: int | None = None,
     steps_per_call: int = 1,
+    draft: Any = None,
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     **sampling: Any,
 ) -> Completion | list[Completion] | list[list[Completion]]:
     """Generate for one prompt (text or token ids) or a list of them.
@@ -136,20 +162,21 @@ def generate(
     `choice_seed(seed, i)`: it equals the same prompt generated alone with that seed and
     `n=1`, and completion 0 keeps `seed`. `seeds` gives each prompt its own seed instead (a
     list of prompts drawing independently, as GRPO's rounds do).
+
+    `draft` decodes speculatively (`infer.speculative`), `draft_tokens` proposals per call: a
+    loaded `Model` with the same vocabulary, or "self-int8" (this model's weights in int8).
+    Greedy output is unchanged; penalties and `response_format` are refused with it.
     """
     if isinstance(sampling.get("response_format"), Mapping):
         sampling["response_format"] = canonical_response_format(sampling["response_format"])
     params = SamplingParams(**sampling)
     _check_n(n)  # before it sizes the scheduler
     ids, single = encode_prompts(prompts, model.tokenizer)
-    needed = max(map(len, ids)) + params.max_new_tokens
-    scheduler = scheduler_for(
-        model,
-        slots=bucket(len(ids) * n, 1, max_batch),
-        max_len=max_len or bucket(needed, 64, model.config.max_seq_len),
-        max_waiting=len(ids) * n,
+    scheduler = generation_scheduler(
+        model, ids, params, n, max_batch=max_batch, max_len=max_len,
         steps_per_call=steps_per_call,
-    )
+        draft=resolve_draft(draft, model.config, model.params, draft_tokens),
+    )  # fmt: skip
     out = complete(scheduler, ids, params, n, seeds)
     if n == 1:
         out = [choices[0] for choices in out]

@@ -1,11 +1,12 @@
 """The lm-evaluation-harness model "llama-jax": any checkpoint `llama_jax.load` reads, scored
 on a device mesh.
 
-    python -m llama_jax.eval lm-eval --model llama-jax \\
+    lm_eval --model llama-jax \\
         --model_args checkpoint=DIR,mesh=data=-1+tensor=2,dtype=bfloat16 --tasks hellaswag
 
-lm-eval 0.4 looks models up only in its own registry (no plugin entry points), so its CLI is
-run from here (`run_cli`), after importing this module has registered the model.
+lm-eval 0.4 looks models up only in its own registry (no plugin entry points): the installed
+start-up hook (`infer.lm_eval_hook`) registers this class lazily for the `lm_eval` command, and
+`run_cli` (`python -m llama_jax.eval lm-eval`) runs the same CLI after importing this module.
 model_args are split on commas, so a mesh of several axes joins them with "+" or ";".
 
 Tokenization follows lm-eval's Hugging Face backend on a Llama 3 tokenizer (which adds BOS):
@@ -59,8 +60,9 @@ class LlamaJaxLM(TemplateLM):
 
     `mesh` ("tensor=2", "data=-1+tensor=2") places the params with sharding `rules`; `dtype`
     casts them; `max_length` bounds the window (default: the model's context); `tokenizer`
-    replaces the checkpoint's own. `add_bos_token` (default True, as Llama 3's Hugging Face
-    tokenizer does) prefixes encoded contexts with BOS. lm-eval also passes `device` and
+    replaces the checkpoint's own; `quantize` ("int8", "fp8") quantizes the weights at load.
+    `add_bos_token` (default True, as Llama 3's Hugging Face tokenizer does) prefixes encoded
+    contexts with BOS. lm-eval also passes `device` and
     `max_batch_size`, which mean nothing here: placement is the mesh's, batches are fixed.
     """
 
@@ -75,12 +77,14 @@ class LlamaJaxLM(TemplateLM):
         rules: str = "infer_tp",
         add_bos_token: bool = True,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        quantize: str | None = None,
         max_batch_size: int | None = None,
         device: str | None = None,
     ) -> None:
         super().__init__()
         spec = None if mesh is None else str(mesh).replace("+", ",").replace(";", ",")
-        options = {"mesh": spec, "rules": rules, "dtype": dtype, "tokenizer": tokenizer}
+        options = {"mesh": spec, "rules": rules, "dtype": dtype, "tokenizer": tokenizer,
+                   "quantize": quantize}  # fmt: skip
         model = load_model(
             argparse.Namespace(checkpoint=checkpoint, preset=None, lora=None, **options)
         )

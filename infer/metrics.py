@@ -37,6 +37,12 @@ class SchedulerGauges(Collector):
         yield _gauge("running_sequences", "Sequences holding a decode slot", running)
         yield _gauge("kv_blocks_in_use", "KV cache blocks some sequence holds", s.blocks.in_use)
         yield _gauge("kv_blocks_total", "KV cache blocks in the pool", s.blocks.num_blocks)
+        if s.engine.draft is not None:
+            yield _gauge(
+                "draft_acceptance_rate",
+                "Speculative decoding: draft tokens the target accepted per proposed one",
+                s.stats.acceptance_rate,
+            )
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -65,6 +71,11 @@ class Metrics:
         self.inter_token_latency = Histogram(
             "llama_jax_inter_token_latency_seconds", "Between a request's consecutive tokens",
             buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.blocked = Counter(
+            "llama_jax_blocked", "Prompts blocked before generating (stage=input) and replies "
+            "blocked after it (stage=output), by the guard model or Code Shield",
+            ["by", "stage"], registry=r,
         )  # fmt: skip
         r.register(SchedulerGauges(scheduler))
 

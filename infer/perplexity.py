@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         docs = read_documents(args.data)
-        model = load_model(argparse.Namespace(**vars(args), preset=None, lora=None))
+        model = load_model(argparse.Namespace(**vars(args), preset=None, lora=None, quantize=None))
         if model.tokenizer is None:
             raise CLIError(f"--checkpoint {args.checkpoint} has no tokenizer: pass --tokenizer")
         scorer = Scorer(model, args.max_length, args.batch, args.rules)

@@ -398,10 +398,15 @@ def gumbel_noise(seed: jax.Array, positions: jax.Array, vocab: int) -> jax.Array
     `jax.random`: threefry over the whole vocabulary costs more than the rest of a small
     model's sampling step on CPU, and keying by position keeps draws batch-independent.
     """
+    return -jnp.log(-jnp.log(uniform_noise(seed, positions, vocab)))
+
+
+def uniform_noise(seed: jax.Array, positions: jax.Array, width: int) -> jax.Array:
+    """float32 [B, width] uniform draws in (0, 1), a pure function of (seed, position, column):
+    the counter-based hash behind `gumbel_noise`, also the speculative acceptance test's."""
     row = _mix(seed.astype(jnp.uint32) ^ _mix(positions.astype(jnp.uint32) + _GOLDEN))
-    bits = _mix(_mix(jnp.arange(vocab, dtype=jnp.uint32)[None, :] * _GOLDEN + row[:, None]))
-    u = (bits >> 8).astype(jnp.float32) * (1.0 / (1 << 24)) + (0.5 / (1 << 24))  # in (0, 1)
-    return -jnp.log(-jnp.log(u))
+    bits = _mix(_mix(jnp.arange(width, dtype=jnp.uint32)[None, :] * _GOLDEN + row[:, None]))
+    return (bits >> 8).astype(jnp.float32) * (1.0 / (1 << 24)) + (0.5 / (1 << 24))
 
 
 _GOLDEN = np.uint32(0x9E3779B9)

@@ -13,10 +13,14 @@ cancelled, which frees its decode slot at the next scheduler step.
 j has index j * n + i.
 
 With a guard model (`infer.guard.Screening`), POST /v1/moderations classifies text in OpenAI's
-moderation shape, and chat completions can be screened: the conversation before generating
-(`screen_input`) and each finished reply (`screen_output`). A blocked choice has
-finish_reason "content_filter", empty content and the verdict in `content_filter_results`.
-A screened reply is streamed only once it has passed, in one piece at its end.
+moderation shape, and completions can be screened: the conversation (a /v1/completions prompt
+as a user message) before generating (`screen_input`) and each finished reply
+(`screen_output`). Code Shield (`infer.code_shield`) scans each finished reply for insecure
+code. A blocked choice has finish_reason "content_filter", empty content and in
+`content_filter_results` who blocked it (`by`: "guard" or "code_shield") and why; a reply Code
+Shield only warns about keeps its text and gains `code_shield: {"issues": [...]}`. A judged
+reply is streamed only once it has passed, in one piece at its end. `llama_jax_blocked_total`
+counts what was blocked.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from starlette.exceptions import HTTPException
 
 from infer.access_log import ResponseEnd
 from infer.batching import Overloaded, Request, Scheduler
+from infer.code_shield import CodeShieldScanner, ScanResult
 from infer.engine import EngineError
 from infer.guard import GuardResult, Screening
 from infer.metrics import Metrics, TokenTimer
@@ -190,9 +195,10 @@ class API:
         limits: Limits,
         metrics: Metrics,
         screening: Screening | None = None,
+        code_shield: CodeShieldScanner | None = None,
     ) -> None:
         self.scheduler, self.model_name, self.limits = scheduler, model_name, limits
-        self.metrics, self.screening = metrics, screening
+        self.metrics, self.screening, self.code_shield = metrics, screening, code_shield
         self.tokenizer = scheduler.tokenizer
         self.tokens = TokenText(self.tokenizer)
         self.context = scheduler.engine.max_len
@@ -227,56 +233,100 @@ class API:
 
     async def completions(self, body: CompletionRequest, http: HTTPRequest):
         max_new = self._check(body, body.max_tokens, 16)
-        prompts = self._completion_prompts(body.prompt)
-        top = body.logprobs or 0
-        params = self._sampling(body, max_new, body.logprobs is not None, top)
-        job = http.state.job = self._job(body.n or 1)  # the access log reads its usage
-        job.submit(prompts, params)
+        raw = self._prompt_list(body.prompt)
+        prompts = [
+            self._need_tokenizer("a text prompt").encode(p, bos=True) if isinstance(p, str) else p
+            for p in raw
+        ]
+        want_lp = body.logprobs is not None
+        params = self._sampling(body, max_new, want_lp, body.logprobs or 0)
+        n = body.n or 1
+        job = http.state.job = self._job(n)  # the access log reads its usage
+        # The guard judges a prompt as a user message and its completion as the reply.
+        asks = [[{"role": "user", "content": self._prompt_text(p)}] if self.screening else []
+                for p in raw]  # fmt: skip
+        inputs = await self._screen_inputs(asks, http)
+        job.submit([p for p, b in zip(prompts, inputs, strict=True) if b is None], params)
+        # The choice index of each job request: prompt j has choices j * n .. j * n + n - 1.
+        order = [j * n + i for j, b in enumerate(inputs) if b is None for i in range(n)]
         rid, created = new_id("cmpl"), now()
 
         def chunk(choices: list[dict], **extra: Any) -> dict:
             return {"id": rid, "object": "text_completion", "created": created,
                     "model": self.model_name, "choices": choices, **extra}  # fmt: skip
 
+        def refused(j: int) -> list[dict]:
+            """The choices of prompt j, blocked before generating."""
+            return [{"index": j * n + i, "text": "", "logprobs": None, **inputs[j]}
+                    for i in range(n)]  # fmt: skip
+
+        def finished(k: int, extra: dict) -> dict:
+            """The choice of job request k with what judging its reply added (`extra`)."""
+            if blocks(extra):
+                return {"index": order[k], "text": "", "logprobs": None, **extra}
+            r = job.requests[k]
+            lp = self.tokens.completion_logprobs(r, 0, len(r.token_ids), 0) if want_lp else None
+            return {"index": order[k], "text": r.text, "finish_reason": r.finish_reason,
+                    "logprobs": lp, **extra}  # fmt: skip
+
+        async def judged(ks: list[int]) -> list[dict]:
+            turns = [[*asks[order[k] // n], {"role": "assistant", "content": job.requests[k].text}]
+                     for k in ks]  # fmt: skip
+            return await self._judge_replies(turns, http)
+
         if not body.stream:
             await job.wait(http)
-            choices = [
-                {"index": i, "text": r.text, "finish_reason": r.finish_reason,
-                 "logprobs": self.tokens.completion_logprobs(r, 0, len(r.token_ids), 0)
-                 if body.logprobs is not None else None}
-                for i, r in enumerate(job.requests)
-            ]  # fmt: skip
-            return chunk(choices, usage=job.usage())
+            ks = list(range(len(job.requests)))
+            choices = [c for j, b in enumerate(inputs) if b is not None for c in refused(j)]
+            choices += [finished(k, extra) for k, extra in zip(ks, await judged(ks), strict=True)]
+            return chunk(sorted(choices, key=lambda c: c["index"]), usage=job.usage())
+
+        hold = self._judges_replies()
 
         async def stream() -> AsyncIterator[dict]:
+            for j, b in enumerate(inputs):
+                if b is not None:
+                    yield chunk(refused(j))
             sent = [0] * len(job.requests)
             offsets = [0] * len(job.requests)
-            async for i, piece, done, n in job.events():
-                r = job.requests[i]
+            async for k, piece, done, count in job.events():
+                if hold:  # a reply to be judged is sent in one piece once it has passed
+                    if done:
+                        [extra] = await judged([k])
+                        yield chunk([finished(k, extra)])
+                    continue
+                r = job.requests[k]
                 lp = None
-                if body.logprobs is not None:
-                    lp = self.tokens.completion_logprobs(r, sent[i], n, offsets[i])
-                    offsets[i] += sum(len(t) for t in lp["tokens"])
-                sent[i] = n
+                if want_lp:
+                    lp = self.tokens.completion_logprobs(r, sent[k], count, offsets[k])
+                    offsets[k] += sum(len(t) for t in lp["tokens"])
+                sent[k] = count
                 if piece or done or lp:
-                    yield chunk([{"index": i, "text": piece, "logprobs": lp,
+                    yield chunk([{"index": order[k], "text": piece, "logprobs": lp,
                                   "finish_reason": r.finish_reason if done else None}])  # fmt: skip
             if body.include_usage:
                 yield chunk([], usage=job.usage())
 
         return sse(stream(), job)
 
-    def _completion_prompts(self, prompt: Any) -> list[list[int]]:
+    def _prompt_list(self, prompt: Any) -> list[str | list[int]]:
+        """The prompts of a /v1/completions request: texts or token-id lists."""
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
         if not prompt:
             raise APIError(400, "prompt must not be empty")
         if len(prompt) > self.limits.max_prompts:
             raise APIError(400, f"at most {self.limits.max_prompts} prompts per request")
-        return [
-            self._need_tokenizer("a text prompt").encode(p, bos=True) if isinstance(p, str) else p
-            for p in prompt
-        ]
+        return prompt
+
+    def _prompt_text(self, prompt: str | list[int]) -> str:
+        """A prompt as the guard reads it: token ids decoded, without the BOS token."""
+        if isinstance(prompt, str):
+            return prompt
+        if self.tokenizer is None:
+            raise APIError(400, "the guard reads prompt text, and this model has no tokenizer to decode token ids")  # fmt: skip
+        bos = getattr(self.tokenizer, "bos_id", None)
+        return self.tokenizer.decode(prompt[1:] if prompt[:1] == [bos] else prompt)
 
     # --- /v1/chat/completions --------------------------------------------------------------
 
@@ -295,14 +345,10 @@ class API:
         params = self._sampling(body, max_new, want_lp, body.top_logprobs or 0 if want_lp else 0)
         n = body.n or 1
         job = http.state.job = self._job(n)
-        screen = self.screening
-        blocked = None
-        if screen is not None and screen.screen_input:
-            [blocked] = await self._screen([body.messages], http)
-            blocked = blocked if blocked.flagged else None
+        [blocked] = await self._screen_inputs([body.messages], http)
         if blocked is None:
             job.submit([ids], params)
-        screen_output = screen is not None and screen.screen_output
+        hold = self._judges_replies()
         rid, created = new_id("chatcmpl"), now()
 
         def reply(r: Request) -> tuple[dict, str]:
@@ -318,35 +364,31 @@ class API:
             delta: dict,
             finish: str | None = None,
             lp: dict | None = None,
-            verdict: GuardResult | None = None,
+            extra: dict | None = None,
         ) -> dict:
             choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
-            if verdict is not None:
-                choice.update(filtered(verdict))
+            choice.update(extra or {})
             return {"id": rid, "object": "chat.completion.chunk", "created": created,
                     "model": self.model_name, "choices": [choice]}  # fmt: skip
 
-        async def screened(requests: list[Request]) -> list[GuardResult | None]:
-            """Each reply's verdict when it is blocked, else None."""
-            if not screen_output:
-                return [None] * len(requests)
+        async def judged(requests: list[Request]) -> list[dict]:
             turns = [[*body.messages, {"role": "assistant", "content": r.text}] for r in requests]
-            return [v if v.flagged else None for v in await self._screen(turns, http)]
+            return await self._judge_replies(turns, http)
 
         if not body.stream:
             await job.wait(http)
-            verdicts = [blocked] * n if blocked is not None else await screened(job.requests)
+            extras = [blocked] * n if blocked is not None else await judged(job.requests)
             choices = []
-            for i, verdict in enumerate(verdicts):
-                if verdict is not None:
+            for i, extra in enumerate(extras):
+                if blocks(extra):
                     choices.append({"index": i, "message": {"role": "assistant", "content": ""},
-                                    "logprobs": None, **filtered(verdict)})  # fmt: skip
+                                    "logprobs": None, **extra})  # fmt: skip
                     continue
                 r = job.requests[i]
                 message, finish = reply(r)
                 lp = self.tokens.chat_logprobs(r, 0, len(r.token_ids)) if want_lp else None
                 choices.append({"index": i, "message": message, "logprobs": lp,
-                                "finish_reason": finish})  # fmt: skip
+                                "finish_reason": finish, **extra})  # fmt: skip
             return {"id": rid, "object": "chat.completion", "created": created,
                     "model": self.model_name, "choices": choices,
                     "usage": job.usage()}  # fmt: skip
@@ -356,23 +398,23 @@ class API:
                 yield chunk(i, {"role": "assistant", "content": ""})
             if blocked is not None:
                 for i in range(n):
-                    yield chunk(i, {}, "content_filter", verdict=blocked)
+                    yield chunk(i, {}, "content_filter", extra=blocked)
             held, sent = [""] * n, [0] * n
-            streaming = [not tools and not screen_output] * n
+            streaming = [not tools and not hold] * n
             async for i, piece, done, count in job.events():
                 r = job.requests[i]
                 held[i] += piece
                 # With tools on offer, text that may still become a tool call waits; a reply
-                # to be screened waits for its verdict.
-                streaming[i] = not screen_output and (streaming[i] or not may_be_tool_call(held[i]))
+                # to be judged waits for its verdict.
+                streaming[i] = not hold and (streaming[i] or not may_be_tool_call(held[i]))
                 if streaming[i] and (held[i] or count > sent[i]):
                     lp = self.tokens.chat_logprobs(r, sent[i], count) if want_lp else None
                     yield chunk(i, {"content": held[i]}, lp=lp)
                     held[i], sent[i] = "", count
                 if done:
-                    [verdict] = await screened([r])
-                    if verdict is not None:
-                        yield chunk(i, {}, "content_filter", verdict=verdict)
+                    [extra] = await judged([r])
+                    if blocks(extra):
+                        yield chunk(i, {}, "content_filter", extra=extra)
                         continue
                     message, finish = reply(r)
                     if message.get("tool_calls"):
@@ -380,13 +422,52 @@ class API:
                         yield chunk(i, {"tool_calls": calls})
                     elif held[i]:
                         yield chunk(i, {"content": held[i]})
-                    yield chunk(i, {}, finish)
+                    yield chunk(i, {}, finish, extra=extra)
             if body.include_usage:
                 yield {**chunk(0, {}), "choices": [], "usage": job.usage()}
 
         return sse(stream(), job)
 
-    # --- the guard model ---------------------------------------------------------------------
+    # --- the guard model and Code Shield -----------------------------------------------------
+
+    def _judges_replies(self) -> bool:
+        """Whether finished replies are judged (and so sent only once they have passed)."""
+        guard_output = self.screening is not None and self.screening.screen_output
+        return guard_output or self.code_shield is not None
+
+    async def _screen_inputs(
+        self, conversations: list[list[dict]], http: HTTPRequest
+    ) -> list[dict | None]:
+        """Per conversation, the fields of its blocked choices when the guard flags it before
+        generating (`screen_input`), else None."""
+        screen = self.screening
+        if screen is None or not screen.screen_input:
+            return [None] * len(conversations)
+        verdicts = await self._screen(conversations, http)
+        if flagged := sum(v.flagged for v in verdicts):
+            self.metrics.blocked.labels("guard", "input").inc(flagged)
+        return [filtered(v) if v.flagged else None for v in verdicts]
+
+    async def _judge_replies(self, turns: list[list[dict]], http: HTTPRequest) -> list[dict]:
+        """What each finished reply adds to its choice (`turns`: each conversation ending in
+        its reply): a blocked choice's fields when the guard (`screen_output`) or Code Shield
+        blocks it, Code Shield's issues when it only warns, else nothing."""
+        extras: list[dict] = [{} for _ in turns]
+        screen = self.screening
+        if screen is not None and screen.screen_output:
+            for k, verdict in enumerate(await self._screen(turns, http)):
+                if verdict.flagged:
+                    extras[k] = filtered(verdict)
+        if self.code_shield is not None:
+            pending = [k for k, extra in enumerate(extras) if not extra]
+            scans = await asyncio.gather(
+                *(self.code_shield.scan(turns[k][-1]["content"]) for k in pending)
+            )
+            for k, scan in zip(pending, scans, strict=True):
+                extras[k] = shielded(scan)
+        for extra in filter(blocks, extras):
+            self.metrics.blocked.labels(extra["content_filter_results"]["by"], "output").inc()
+        return extras
 
     async def _screen(
         self, conversations: list[list[dict]], http: HTTPRequest
@@ -432,9 +513,24 @@ class API:
 
 def filtered(verdict: GuardResult) -> dict[str, Any]:
     """The fields of a choice the guard blocked."""
-    results = {"flagged": True, "categories": list(verdict.categories),
+    results = {"flagged": True, "by": "guard", "categories": list(verdict.categories),
                "p_unsafe": verdict.p_unsafe}  # fmt: skip
     return {"finish_reason": "content_filter", "content_filter_results": results}
+
+
+def shielded(scan: ScanResult) -> dict[str, Any]:
+    """The fields Code Shield adds to a choice: a blocked one's, or the issues it warns about
+    (nothing for a reply without issues)."""
+    issues = list(scan.issues)
+    if scan.blocked:
+        results = {"flagged": True, "by": "code_shield", "issues": issues}
+        return {"finish_reason": "content_filter", "content_filter_results": results}
+    return {"code_shield": {"issues": issues}} if issues else {}
+
+
+def blocks(extra: dict[str, Any] | None) -> bool:
+    """Whether a choice's added fields (`filtered`, `shielded`) block it."""
+    return bool(extra) and extra.get("finish_reason") == "content_filter"
 
 
 def sse(chunks: AsyncIterator[dict], job: Job) -> StreamingResponse:
@@ -493,13 +589,15 @@ def create_app(
     limits: Limits = Limits(),
     api_key: str | None = None,
     screening: Screening | None = None,
+    code_shield: CodeShieldScanner | None = None,
 ) -> FastAPI:
     """The FastAPI app; the scheduler thread (and the guard's, with `screening`) runs for the
-    app's lifetime. With `api_key`, the `/v1/` routes need it as a bearer token.
+    app's lifetime. With `api_key`, the `/v1/` routes need it as a bearer token; with
+    `code_shield`, every finished reply is scanned.
     `app.state.drain` refuses new requests and waits for those in flight when the server
     shuts down (`Drain.run`)."""
     metrics = Metrics(scheduler)
-    api = API(scheduler, model_name, limits, metrics, screening)
+    api = API(scheduler, model_name, limits, metrics, screening, code_shield)
     drain = Drain()
     stop = threading.Event()
 

@@ -19,6 +19,10 @@ import numpy as np
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_KERNELS = ("auto", "xla", "splash", "cudnn")
+# How uncached attention splits a sequence sharded over the `sequence` mesh axis
+# (`llama_jax.context_parallel`): regrouped into a heads split around the kernel, or kept split
+# with K/V all-gathered or passed around a ring.
+CONTEXT_PARALLEL = ("all_to_all", "all_gather", "ring")
 
 
 class ConfigError(ValueError):
@@ -45,6 +49,9 @@ class LlamaConfig:
     einsums, any backend), "splash" (the Pallas TPU kernel: no [time, time] scores in memory),
     "cudnn" (cuDNN's flash attention on NVIDIA GPUs, bfloat16/float16 compute), "auto" (splash
     on TPUs, cudnn on NVIDIA GPUs, when the shapes and dtype suit the kernel; else xla).
+    `context_parallel` picks how attention treats a sequence split over devices: "all_to_all"
+    (the kernel above on whole sequences, heads split), or "all_gather" / "ring" (load-balanced
+    context parallelism, `llama_jax.context_parallel`, which replaces the kernel).
     """
 
     dim: int
@@ -63,6 +70,7 @@ class LlamaConfig:
     compute_dtype: str = "float32"
     remat: str = "none"
     attention: str = "auto"
+    context_parallel: str = "all_to_all"
     num_labels: int = 0
 
     def __post_init__(self) -> None:
@@ -88,6 +96,10 @@ class LlamaConfig:
         if self.attention not in ATTENTION_KERNELS:
             raise ConfigError(
                 f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}"
+            )
+        if self.context_parallel not in CONTEXT_PARALLEL:
+            raise ConfigError(
+                f"context_parallel must be one of {CONTEXT_PARALLEL}, got {self.context_parallel!r}"
             )
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPES:

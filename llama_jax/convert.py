@@ -6,7 +6,8 @@ SRC is any directory `llama_jax.load` reads (layout detected). Meta/HF to Meta/H
 streams tensor by tensor from file to file without loading the model, so host memory stays near
 one tensor whatever the model size; Orbax output, or Orbax/run-directory input, goes through
 loaded params, as does `--merge-lora ADAPTER_DIR` (a PEFT LoRA adapter folded into the
-weights before export).
+weights before export). `--quantize int8|fp8` (with `--to orbax`) stores the weights quantized
+(`llama_jax.quantize`); loading such a checkpoint restores them without quantizing again.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from llama_jax.checkpoint.peft import merge_into
 from llama_jax.checkpoint.placement import progress_bar
 from llama_jax.checkpoint.verify import verify
 from llama_jax.config import ConfigError, LlamaConfig
+from llama_jax.quantize import MODES, as_quantized
 from llama_jax.tokenizer import find_tokenizer
 
 _UNITS = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "B": 1}
@@ -59,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="HF shard size, e.g. 5GB")  # fmt: skip
     p.add_argument("--merge-lora", type=Path, metavar="ADAPTER_DIR",
                    help="merge this PEFT LoRA adapter into the weights")  # fmt: skip
+    p.add_argument("--quantize", choices=tuple(MODES),
+                   help="store projections and head quantized (--to orbax only)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -83,11 +87,21 @@ def convert(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool | None = None,
     merge_lora: Path | None = None,
+    quantize: str | None = None,
 ) -> Path:
     """Write the checkpoint at `src` as `to` at `dst`, with the PEFT adapter `merge_lora`
-    merged in (in the stored dtype, before any cast to `dtype`); returns `dst`."""
+    merged in (in the stored dtype, before any cast to `dtype`), its weights quantized in
+    `quantize` mode (Orbax only); returns `dst`."""
     out = param_dtype(dtype)
     kind, root = detect_layout(src)
+    if quantize is not None:
+        if to != "orbax":
+            raise CheckpointError(f"--quantize needs --to orbax (got --to {to})")
+        model = load(src, dtype=out, progress=progress)
+        if merge_lora is not None:
+            model = merge_into(model, merge_lora)
+        model.params = as_quantized(model.params, model.config, quantize)
+        return export(model, dst, to)
     if merge_lora is not None:
         model = merge_into(load(src, progress=progress), merge_lora)
         return export(model, dst, to, out, mp=mp, max_shard_bytes=max_shard_bytes)
@@ -149,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             max_shard_bytes=args.max_shard_size,
             progress=False if args.no_progress else None,
             merge_lora=args.merge_lora,
+            quantize=args.quantize,
         )
     except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,8 +4,9 @@
     python -m llama_jax.eval lm-eval --model llama-jax --model_args checkpoint=DIR --tasks T
 
 `perplexity` is `infer.perplexity`. `lm-eval` is lm-evaluation-harness's own CLI (same
-arguments) with the "llama-jax" model registered, since lm-eval finds models only in its
-registry; it needs the optional `eval` extra. Core must not depend on `infer/` at import
+arguments) with the "llama-jax" model registered, for installs without the start-up hook that
+lets the plain `lm_eval` command find it (`infer.lm_eval_hook`); it needs the optional `eval`
+extra. Core must not depend on `infer/` at import
 time, so each command imports its module only when run.
 """
 

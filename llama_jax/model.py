@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax import cudnn_attention, paged_attention, splash
+from llama_jax import context_parallel, cudnn_attention, kv_cache, paged_attention, splash
 from llama_jax.config import LlamaConfig
-from llama_jax.kv_cache import KVCache, PagedKVCache
+from llama_jax.kv_cache import KVCache, PagedKVCache, QuantizedKV, Stored
 from llama_jax.partitioning import BATCH, EMBED, HEADS, KV_HEADS, LENGTH, MLP, VOCAB, constrain
+from llama_jax.quantize import Quantized, is_quantized, quantized_dense
 from llama_jax.rope import apply_rotary, rotary_tables
 
 Params = dict[str, Any]
@@ -48,8 +49,11 @@ def _ones(shape: tuple[int, ...], axes: tuple[str, ...], dtype: str) -> nnx.Para
     return nnx.Param(jnp.ones(shape, jnp.dtype(dtype)), logical_axes=axes)
 
 
-def cast_for_compute(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """`w.astype(dtype)`; float32 -> bfloat16 goes through `_bf16_rounded`."""
+def cast_for_compute(w: jax.Array | Quantized, dtype: jnp.dtype) -> jax.Array | Quantized:
+    """`w.astype(dtype)`; float32 -> bfloat16 goes through `_bf16_rounded`. A `Quantized`
+    weight stays as stored: `dense` converts its values inside the product."""
+    if is_quantized(w):
+        return w
     if w.dtype == jnp.float32 and dtype == jnp.bfloat16:
         return _bf16_rounded(w)
     return w.astype(dtype)
@@ -81,15 +85,18 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return normed.astype(x.dtype) * scale.astype(x.dtype)
 
 
-def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array | Quantized, contract: int = 1) -> jax.Array:
     """`x [..., *c]` times `w [*c, *out]` (x's last `contract` axes with w's first), computed
-    as one 2-D matmul: `[batch * time, c] @ [c, out]`.
+    as one 2-D matmul: `[batch * time, c] @ [c, out]`. A `Quantized` weight goes through
+    `llama_jax.quantize.quantized_dense`.
 
     Why not `einsum("btd,df->btf")`: its weight gradient contracts two axes (batch and time),
     and XLA's CPU backend first transposes the incoming gradient to merge them; for the output
     head that is a copy of the whole [tokens, vocab] gradient per step. With the leading axes
     flattened every matmul and its gradients are plain 2-D.
     """
+    if is_quantized(w):
+        return quantized_dense(x, w, contract)
     lead, inner = x.shape[: x.ndim - contract], w.shape[:contract]
     k = math.prod(inner)
     y = x.reshape(-1, k) @ w.reshape(k, -1)
@@ -153,11 +160,12 @@ class LayerCache(NamedTuple):
     The layer writes only its new tokens into the stacked arrays (a scatter at `layer`, `rows`,
     `slots`) and then reads its slice. Slicing the layer out first and writing the whole slice
     back moved the full slice per layer per step, and with per-layer weights XLA:CPU copied the
-    whole stacked cache several times per layer.
+    whole stacked cache several times per layer. An int8 cache (`QuantizedKV`) is written
+    quantized and read as int8 values and scales (see `llama_jax.kv_cache`).
     """
 
-    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim], or a paged pool
-    v: jax.Array  # [layers, kv_heads, blocks, block_size, head_dim]
+    k: Stored  # [layers, batch, max_len, kv_heads, head_dim], or a paged pool
+    v: Stored  # [layers, kv_heads, blocks, block_size, head_dim]
     layer: jax.Array | int
     rows: jax.Array  # [batch, 1], or with a pool each new token's block [batch, time]
     slots: jax.Array  # [batch, time]: each new token's slot in its row or block
@@ -166,6 +174,13 @@ class LayerCache(NamedTuple):
     def write_index(self) -> tuple:
         """Where this call's new tokens [batch, time, kv_heads, head_dim] go in k and v."""
         if self.table is None:
+            if isinstance(self.k, QuantizedKV):
+                # int8 rows index the heads too (one head_dim row, one scale per token and
+                # head): with [kv_heads] scale windows, XLA:TPU copied the whole int8 cache
+                # in every layer (llama3.1-8b decode, 4 x 4096 on v5p: 0.81 GB of temporaries
+                # per chip and 5.9 ms per step, against 0.01 GB and 0.4 ms)
+                heads = jnp.arange(self.k.shape[3], dtype=jnp.int32)
+                return (self.layer, self.rows[..., None], self.slots[..., None], heads)
             return (self.layer, self.rows, self.slots)
         # heads-first pool: the heads are indexed too (each new token writes one head_dim row
         # per head), so the scatter's window is the minor axis and the pool keeps the plain
@@ -174,18 +189,27 @@ class LayerCache(NamedTuple):
         heads = jnp.arange(self.k.shape[1], dtype=jnp.int32)
         return (self.layer, heads, self.rows[..., None], self.slots[..., None])
 
-    def keys_values(self) -> tuple[jax.Array, jax.Array]:
+    def write(self, k: jax.Array, v: jax.Array) -> LayerCache:
+        """This call's new keys and values [batch, time, kv_heads, head_dim] written."""
+        at = self.write_index()
+        return self._replace(k=kv_cache.write(self.k, at, k), v=kv_cache.write(self.v, at, v))
+
+    def keys_values(self) -> tuple[Stored, Stored]:
         """This layer's keys and values per row, [batch, keys, kv_heads, head_dim]: the row
-        itself, or the row's blocks gathered from the pool in order."""
+        itself, or the row's blocks gathered from the pool in order. An int8 cache's stay
+        int8 with their scales [batch, keys, kv_heads]: attention applies the scales to its
+        scores and probabilities (`grouped_attention`), so no dequantized copy is made."""
         if self.table is None:
-            return self.k[self.layer], self.v[self.layer]
-        b = self.table.shape[0]
+            read = lambda x: x[self.layer]  # noqa: E731
+        else:
+            b = self.table.shape[0]
 
-        def gather(x: jax.Array) -> jax.Array:
-            blocks = x[self.layer, :, self.table]  # [batch, width, kv_heads, block_size, hd]
-            return blocks.transpose(0, 1, 3, 2, 4).reshape(b, -1, x.shape[1], x.shape[4])
+            def read(x: jax.Array) -> jax.Array:
+                # [batch, width, kv_heads, block_size, hd] (a scale: without hd)
+                blocks = jnp.swapaxes(x[self.layer, :, self.table], 2, 3)
+                return blocks.reshape(b, -1, *blocks.shape[3:])
 
-        return gather(self.k), gather(self.v)
+        return jax.tree.map(read, self.k), jax.tree.map(read, self.v)
 
 
 class PagedDecode(NamedTuple):
@@ -203,13 +227,21 @@ class Documents(NamedTuple):
     kernel: str
 
 
-# The uncached attention kernels besides "xla", by `LlamaConfig.attention` name.
-_KERNELS = {"splash": splash.splash_attention, "cudnn": cudnn_attention.cudnn_attention}
+# The uncached attention kernels besides "xla", by `LlamaConfig.attention` name, and the
+# context-parallel modes (`LlamaConfig.context_parallel`) that replace them.
+_KERNELS = {
+    "splash": splash.splash_attention,
+    "cudnn": cudnn_attention.cudnn_attention,
+    **{mode: context_parallel.kernel(mode) for mode in context_parallel.MODES},
+}
 
 
 def attention_kernel(c: LlamaConfig, time: int) -> str:
     """The kernel uncached attention uses: `c.attention`, with "auto" resolved for the shapes,
-    the compute dtype and the devices the traced code will run on."""
+    the compute dtype and the devices the traced code will run on. A context-parallel mode
+    ("all_gather", "ring") takes the place of every kernel."""
+    if c.context_parallel != "all_to_all":
+        return c.context_parallel
     if c.attention != "auto":
         return c.attention
     if splash.suits(time, c.head_dim) and splash.on_tpu():
@@ -221,18 +253,33 @@ def attention_kernel(c: LlamaConfig, time: int) -> str:
 
 def cached_attention_kernel(c: LlamaConfig, cache: KVCache | PagedKVCache, time: int) -> str:
     """The kernel attention over a cache uses: "paged" (the Pallas paged-attention kernel) for
-    a paged pool when `c.attention` is "auto", the call decodes one token per row and the
-    traced code runs on TPUs; else "xla" (the row's keys gathered, then `grouped_attention`)."""
+    a float paged pool when `c.attention` is "auto", the call decodes one token per row and
+    the traced code runs on TPUs; else "xla" (the row's keys gathered, then
+    `grouped_attention`). An int8 pool always takes "xla": the kernel's quantized mode reads
+    scales broadcast to the values' full shape, an HBM array as large as the values
+    (`paged_attention` says more)."""
     if c.attention != "auto" or not isinstance(cache, PagedKVCache):
+        return "xla"
+    if isinstance(cache.k, QuantizedKV):
         return "xla"
     if paged_attention.suits(time, c.head_dim, c.n_heads, c.n_kv_heads) and splash.on_tpu():
         return "paged"
     return "xla"
 
 
-def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def grouped_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    scales: tuple[jax.Array, jax.Array] | None = None,
+) -> jax.Array:
     """Softmax attention with grouped KV heads: q [b, t, heads, hd], k and v [b, s, kv, hd],
     `mask` [b, t, s] True where a query may attend. Scores and softmax in float32.
+
+    `scales` (k's and v's [b, s, kv]) make k and v an int8 cache's values (`QuantizedKV`):
+    each key's scale multiplies its scores and each value's its probabilities, which is
+    attention over the dequantized cache without a dequantized copy of it.
 
     The queries sharing a KV head are laid out as one [group * t, hd] matrix, so both products
     are plain batched matmuls over (b, kv). Written as one 5-d einsum instead, XLA:CPU moved
@@ -245,9 +292,15 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array)
     q = q.reshape(b, t, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, hd)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, s, hd]
     scores = jnp.einsum("bkqd,bksd->bkqs", q, k).astype(jnp.float32)
+    if scales is not None:
+        k_scale, v_scale = (x.transpose(0, 2, 1)[:, :, None].astype(jnp.float32) for x in scales)
+        scores = scores * k_scale  # [b, kv, 1, s]
     scores = scores.reshape(b, kv, g, t, -1) * np.float32(1.0 / np.sqrt(hd))
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if scales is not None:
+        probs = probs * v_scale[:, :, None]  # [b, kv, 1, 1, s]
+    probs = probs.astype(v.dtype).reshape(b, kv, g * t, -1)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kv, g, t, hd)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
 
@@ -284,11 +337,7 @@ class Attention(nnx.Module):
         q = constrain(q, (BATCH, LENGTH, HEADS, None))
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
-            at = cache.write_index()
-            cache = cache._replace(
-                k=cache.k.at[at].set(k.astype(cache.k.dtype)),
-                v=cache.v.at[at].set(v.astype(cache.v.dtype)),
-            )
+            cache = cache.write(k, v)
             if isinstance(mask, PagedDecode):
                 out = paged_attention.paged_decode_attention(
                     q, cache.k, cache.v, cache.layer, cache.table, mask.lengths
@@ -305,7 +354,11 @@ class Attention(nnx.Module):
             out = _KERNELS[mask.kernel](q, k, v, mask.segment_ids)
             out = constrain(out, (BATCH, LENGTH, HEADS, None))
             return project(out, self.wo[...], name="wo", contract=2), cache
-        out = grouped_attention(q, k.astype(dt), v.astype(dt), mask)
+        if isinstance(k, QuantizedKV):  # an int8 cache: attention applies its scales
+            scales = (k.scale, v.scale)
+            out = grouped_attention(q, k.values.astype(dt), v.values.astype(dt), mask, scales)
+        else:
+            out = grouped_attention(q, k.astype(dt), v.astype(dt), mask)
         return project(out, self.wo[...], name="wo", contract=2), cache
 
 
@@ -400,7 +453,9 @@ def run_layers(
     ):
         # Cast here, inside the rematerialised function: the backward pass then keeps the
         # float32 weights themselves, not a stacked compute-dtype copy of every layer.
-        weights, lora = jax.tree.map(partial(cast_for_compute, dtype=dt), (weights, lora))
+        weights, lora = jax.tree.map(
+            partial(cast_for_compute, dtype=dt), (weights, lora), is_leaf=is_quantized
+        )
         layer_cache = None if kv is None else cache._replace(k=kv[0], v=kv[1], layer=i)
         layer_adapters = NO_ADAPTERS
         if adapters is not None:
@@ -567,7 +622,10 @@ def _layer_cache(cache: KVCache | PagedKVCache, at: jax.Array) -> tuple[LayerCac
 
 
 def output_logits(params: Params, hidden: jax.Array, *, config: LlamaConfig) -> jax.Array:
-    """Output head: final-normed hidden states -> float32 logits."""
-    head = params["tok_embeddings"].T if config.tie_embeddings else params["output"]
-    logits = dense(hidden, head.astype(hidden.dtype)).astype(jnp.float32)
+    """Output head: final-normed hidden states -> float32 logits. Quantized params carry a
+    `Quantized` head under `output`, tied or not (`llama_jax.quantize`)."""
+    head = params.get("output")
+    if not is_quantized(head):
+        head = (params["tok_embeddings"].T if config.tie_embeddings else head).astype(hidden.dtype)
+    logits = dense(hidden, head).astype(jnp.float32)
     return constrain(logits, (BATCH, LENGTH, VOCAB))

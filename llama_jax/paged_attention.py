@@ -17,6 +17,10 @@ Decode only (one new token per row), and the token must already be in the pool: 
 writes first and passes each row's length after the write. Under a sharding resolver the kernel
 runs per device in a `shard_map`: rows split as the batch is, query and KV heads over the same
 mesh axes (the pool's `cache_kv_heads` rule), the pool whole on each device otherwise.
+
+Float pools only: an int8 pool (`QuantizedKV`) takes the XLA gather (see
+`model.cached_attention_kernel`), because the kernel's quantized mode reads scales broadcast
+to the pages' full shape, an HBM array at least as large as the int8 pages.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any
 from infer.generate import Completion, generate
 from llama_jax import compile_cache, platforms
 from llama_jax.api import Model
-from llama_jax.config import LlamaConfig
+from llama_jax.config import CONTEXT_PARALLEL, LlamaConfig
 from llama_jax.model import Params
 from train.config import TrainConfig, load_config, parse_assignments
 from train.loop import USER_ERRORS, dump_teacher, run
@@ -214,6 +214,13 @@ def parser() -> argparse.ArgumentParser:
             help=f"{text} (config key {key}; default {_default(key)!r})",
         )
     p.add_argument(
+        "--context-parallel",
+        choices=CONTEXT_PARALLEL,
+        help="attention over a sequence split on the mesh's sequence axis: all_to_all (a heads "
+        "split around the kernel), or load-balanced all_gather or ring (config key "
+        "model_overrides.context_parallel; default all_to_all)",
+    )
+    p.add_argument(
         "--precompute-reference",
         action="store_true",
         default=None,
@@ -238,6 +245,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, dict[str, Any
     given = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, *_) in FLAGS.items()}
     given["data.paths"] = args.data
     given["data.sft"] = args.sft
+    given["model_overrides.context_parallel"] = args.context_parallel
     if args.precompute_reference:
         given["dpo.reference"] = "precomputed"
     for key, value in given.items():

@@ -36,13 +36,29 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax import model as llama_model
-from llama_jax.config import ATTENTION_KERNELS, DTYPES, REMAT_POLICIES, LlamaConfig, preset
-from llama_jax.kv_cache import KVCache, PagedKVCache
+from llama_jax.config import (
+    ATTENTION_KERNELS,
+    CONTEXT_PARALLEL,
+    DTYPES,
+    REMAT_POLICIES,
+    LlamaConfig,
+    preset,
+)
+from llama_jax.kv_cache import (
+    CACHE_AXES,
+    PAGED_AXES,
+    QUANTIZED,
+    KVCache,
+    PagedKVCache,
+    QuantizedKV,
+    map_stored,
+)
 from llama_jax.lora import LoraConfig, parse_targets
 from llama_jax.partitioning import placed_shapes
+from llama_jax.quantize import MODES, is_quantized, quantized_logical_axes, quantized_shapes
 from sharding import place
 from sharding.mesh import make_mesh
-from sharding.rules import DEFAULT_MESH, PRESET_NAMES, with_rules
+from sharding.rules import DEFAULT_MESH, PRESET_NAMES, logical_to_sharding, with_rules
 from train.metrics import flops_per_token
 from train.optim import OptimConfig, make_optimizer
 from train.step import BASE, BATCH_KEYS, Policy, abstract_train_state, build_step, lm_objective
@@ -113,6 +129,8 @@ class Report:
     no_estimate: str | None = None
     kv: str | None = None  # decode steps: the KV cache layout (`KV_LAYOUTS`)
     block_size: int | None = None  # a paged cache's tokens per block
+    kv_cache_dtype: str | None = None  # decode steps with an int8 KV cache: "int8"
+    quantize: str | None = None  # decode steps with quantized weights: "int8" or "fp8"
     lora: str | None = None  # train steps with LoRA: rank and targets, e.g. "r=16 on q,v"
 
 
@@ -170,22 +188,45 @@ def compile_train(
 
 
 def decode_cache(
-    config: LlamaConfig, batch: int, seq: int, kv: str = "contiguous", block_size: int = BLOCK_SIZE
+    config: LlamaConfig,
+    batch: int,
+    seq: int,
+    kv: str = "contiguous",
+    block_size: int = BLOCK_SIZE,
+    kv_cache_dtype: str | None = None,
 ) -> KVCache | PagedKVCache:
     """The abstract cache of a decode step: `batch` rows of `seq` slots, or a pool of the same
-    `batch * seq` tokens in `block_size`-token blocks with a [batch, seq / block_size] table."""
+    `batch * seq` tokens in `block_size`-token blocks with a [batch, seq / block_size] table;
+    stored in the compute dtype, or int8 with scales (`kv_cache_dtype="int8"`)."""
     if kv == "contiguous":
-        return KVCache.abstract(config, batch, seq)
+        return KVCache.abstract(config, batch, seq, kv_cache_dtype)
     if seq % block_size:
         raise SystemExit(f"--seq {seq} is not a multiple of --block-size {block_size}")
     width = seq // block_size
 
     def paged() -> PagedKVCache:
-        k, v = PagedKVCache.pool_zeros(config, batch * width, block_size)
+        k, v = PagedKVCache.pool_zeros(config, batch * width, block_size, kv_cache_dtype)
         tables = jnp.arange(batch * width, dtype=jnp.int32).reshape(batch, width)
         return PagedKVCache(k, v, tables, jnp.zeros((batch,), jnp.int32))
 
     return jax.eval_shape(paged)
+
+
+def decode_cache_shardings(
+    cache: KVCache | PagedKVCache, mesh: jax.sharding.Mesh, rules: str
+) -> KVCache | PagedKVCache:
+    """`place.cache_shardings`, with an int8 cache's k and v split into values and scales
+    (the scales by the values' logical axes less head_dim)."""
+    shardings = place.cache_shardings(cache, mesh, rules)
+    if not isinstance(cache.k, QuantizedKV):
+        return shardings
+    axes = CACHE_AXES if isinstance(cache, KVCache) else PAGED_AXES
+    kv = map_stored(
+        lambda x, names: logical_to_sharding(names, mesh, rules, x.shape, "KV cache"),
+        cache.k,
+        axes,
+    )
+    return shardings._replace(k=kv, v=kv)
 
 
 def compile_decode(
@@ -197,13 +238,17 @@ def compile_decode(
     *,
     kv: str = "contiguous",
     block_size: int = BLOCK_SIZE,
+    kv_cache_dtype: str | None = None,
+    quantize: str | None = None,
 ):
     """One decode token per sequence against a full cache of `seq` tokens per sequence (donated;
-    `decode_cache`), bf16 weights."""
+    `decode_cache`), bf16 weights, or with `quantize` int8/fp8 projections and head."""
     params = llama_model.param_shapes(config)
     params_sh = place.tree_shardings(params, config, mesh, rules)
-    cache = decode_cache(config, batch, seq, kv, block_size)
-    cache_sh = place.cache_shardings(cache, mesh, rules)
+    if quantize is not None:
+        params, params_sh = quantized_decode_params(params, config, mesh, rules, quantize)
+    cache = decode_cache(config, batch, seq, kv, block_size, kv_cache_dtype)
+    cache_sh = decode_cache_shardings(cache, mesh, rules)
     tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
     tokens_sh = place.batch_shardings({"tokens": tokens}, mesh, rules)["tokens"]
     step = jax.jit(
@@ -217,6 +262,23 @@ def compile_decode(
         placed_shapes(tokens, tokens_sh),
         placed_shapes(cache, cache_sh),
     ).compile()
+
+
+def quantized_decode_params(
+    shapes: Any, config: LlamaConfig, mesh: jax.sharding.Mesh, rules: str, mode: str
+) -> tuple[Any, Any]:
+    """The abstract params `quantize_params` makes from `shapes`, and their shardings from the
+    quantized logical axes (values split like the float weight, scales like its outputs)."""
+    quantized = quantized_shapes(shapes, config, mode)
+    axes = quantized_logical_axes(llama_model.logical_axes(config), config)
+    is_axes = lambda x: isinstance(x, tuple) and not is_quantized(x)  # noqa: E731
+    shardings = jax.tree.map(
+        lambda names, s: logical_to_sharding(names, mesh, rules, s.shape, "quantized weight"),
+        axes,
+        quantized,
+        is_leaf=is_axes,
+    )
+    return quantized, shardings
 
 
 def _decode(params, tokens, cache, *, config):
@@ -305,6 +367,8 @@ def run(
     loss_chunks: int = LOSS_CHUNKS,
     kv: str = "contiguous",
     block_size: int = BLOCK_SIZE,
+    kv_cache_dtype: str | None = None,
+    quantize: str | None = None,
     overrides: dict[str, Any] | None = None,
     lora: LoraConfig | None = None,
 ) -> Report:
@@ -318,7 +382,13 @@ def run(
     if step == "train":
         compile_fn = partial(compile_train, loss_chunks=loss_chunks, lora=lora)
     else:
-        compile_fn = partial(compile_decode, kv=kv, block_size=block_size)
+        compile_fn = partial(
+            compile_decode,
+            kv=kv,
+            block_size=block_size,
+            kv_cache_dtype=kv_cache_dtype,
+            quantize=quantize,
+        )
     compiled = compile_fn(config, mesh, rules, batch, seq)
     memory = compiled.memory_analysis()
     compiler_flops, seconds = layer_costs(compile_fn, config, mesh, rules, batch, seq)
@@ -359,6 +429,8 @@ def run(
         else "libtpu's cost analysis left work it cannot cost (a negative step time)",
         kv=kv if step == "decode" else None,
         block_size=block_size if step == "decode" and kv == "paged" else None,
+        kv_cache_dtype=kv_cache_dtype if step == "decode" else None,
+        quantize=quantize if step == "decode" else None,
         lora=f"r={lora.rank} on {','.join(lora.targets)}" if lora and step == "train" else None,
     )
 
@@ -367,6 +439,8 @@ def format_report(r: Report) -> str:
     gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
     mesh = ",".join(f"{a}={s}" for a, s in r.mesh.items())
     paged = f", paged KV cache ({r.block_size}-token blocks)" if r.kv == "paged" else ""
+    paged += f", {r.kv_cache_dtype} KV cache" if r.kv_cache_dtype else ""
+    paged += f", {r.quantize} weights" if r.quantize else ""
     paged += f", LoRA {r.lora}" if r.lora else ""
     return "\n".join(
         [
@@ -405,6 +479,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compute-dtype", choices=DTYPES, help="matmul dtype (default bfloat16)")
     p.add_argument("--attention", choices=ATTENTION_KERNELS, help="override the attention kernel")
     p.add_argument(
+        "--context-parallel",
+        choices=CONTEXT_PARALLEL,
+        help="train steps: attention over a sequence split on the sequence axis (default "
+        "all_to_all: a heads split around the kernel; all_gather or ring: load-balanced)",
+    )
+    p.add_argument(
         "--loss-chunks",
         type=int,
         default=LOSS_CHUNKS,
@@ -420,6 +500,17 @@ def main(argv: list[str] | None = None) -> None:
         help="tokens per block of a paged KV cache (default %(default)s)",
     )
     p.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", QUANTIZED),
+        default="auto",
+        help="decode steps' KV cache storage: auto (the compute dtype) or int8 with scales",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=tuple(MODES),
+        help="decode steps: int8 or fp8 (e4m3) projections and head, per-channel scales",
+    )
+    p.add_argument(
         "--lora-rank",
         type=int,
         default=0,
@@ -431,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
     lora = None
     if args.lora_rank:
         lora = LoraConfig(args.lora_rank, 2.0 * args.lora_rank, parse_targets(args.lora_targets))
-    fields = ("remat", "compute_dtype", "attention")
+    fields = ("remat", "compute_dtype", "attention", "context_parallel")
     overrides = {k: getattr(args, k) for k in fields if getattr(args, k)}
     report = run(
         args.preset,
@@ -445,6 +536,8 @@ def main(argv: list[str] | None = None) -> None:
         loss_chunks=args.loss_chunks,
         kv=args.kv,
         block_size=args.block_size,
+        kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
+        quantize=args.quantize,
         overrides=overrides,
         lora=lora,
     )

@@ -49,6 +49,11 @@ def test_utilisation_and_agreement(report):
     assert rows["prefill_512"]["agreement"]["argmax_equal"]
     assert rows["prefill_512"]["agreement"]["max_abs_logit_diff"] < 1e-3
     assert rows["train_b4x256"]["ours_detail"]["mfu"] > 0
+    for name in ("decode_b1_int8", "decode_b8_int8"):  # ours int8 over ours float32, same run
+        assert rows[name]["vs_float32"] == pytest.approx(
+            rows[name]["ours"] / rows[name.removesuffix("_int8")]["ours"]
+        )
+    assert rows["decode_b1_int8"]["targets"]["vs_float32"]["target"] == 1.8
     assert rows["train_b4x256"]["agreement"]["abs_diff"] < 1e-3
 
 
@@ -56,6 +61,10 @@ def test_only_selects_rows():
     assert [r.name for r in run.select_rows("decode,train_b4x256")] == [
         "decode_b1",
         "decode_b8",
+        "decode_b1_int8",
+        "decode_b8_int8",
+        "decode_b1_spec",
+        "decode_b8_spec",
         "train_b4x256",
     ]
     with pytest.raises(SystemExit):

@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from llama3_assets import meta_tokenizer_path
 from openai import OpenAI
+from test_server_ops import scrape
 
 import llama_jax
 from infer.batching import scheduler_for
@@ -288,34 +289,56 @@ def guarded_client(tok, guard: LlamaGuard, **screen) -> TestClient:
 
 
 CHAT = {"model": "chat", "messages": USER_ONLY, "max_tokens": 4, "temperature": 0}
+# A prompt is judged as a user message, its completion as the reply. (Its 22 tokens need the
+# prefill shapes of CHAT's 19: nothing more to compile.)
+COMPLETION = {"model": "chat", "prompt": "How do I bake sourdough bread? Tell me, step by step,"
+              " how it is done.", "max_tokens": 4, "temperature": 0}  # fmt: skip
 
 
 def blocked(choice: dict) -> bool:
     return choice["finish_reason"] == "content_filter"
 
 
-def streamed(client: TestClient, body: dict) -> list[dict]:
-    """The choices of every chunk of a streamed chat completion."""
-    text = client.post("/v1/chat/completions", json={**body, "stream": True}).text
+def streamed(client: TestClient, body: dict, route: str = "/v1/chat/completions") -> list[dict]:
+    """The choices of every chunk of a streamed (chat) completion."""
+    text = client.post(route, json={**body, "stream": True}).text
     events = [e.removeprefix("data: ") for e in text.split("\n\n") if e]
     assert events[-1] == "[DONE]"
     return [choice for e in events[:-1] for choice in json.loads(e)["choices"]]
 
 
+def blocked_total(client: TestClient, by: str, stage: str) -> float:
+    return scrape(client).get(("llama_jax_blocked_total", (("by", by), ("stage", stage))), 0.0)
+
+
 @pytest.mark.slow
 def test_server_screens_input_and_output_as_configured(tok, guards):
+    """Chat and /v1/completions, whole and streamed; each blocked prompt or reply counts once
+    in llama_jax_blocked_total."""
     with guarded_client(tok, guards["unsafe\nS1"], screen_input=True) as c:
         r = c.post("/v1/chat/completions", json={**CHAT, "n": 2}).json()
         assert [blocked(ch) for ch in r["choices"]] == [True, True]
         assert r["choices"][0]["message"]["content"] == ""
         assert r["choices"][0]["content_filter_results"]["categories"] == ["S1"]
+        assert r["choices"][0]["content_filter_results"]["by"] == "guard"
         chunks = streamed(c, CHAT)
         assert blocked(chunks[-1]) and chunks[-1]["content_filter_results"]["flagged"]
+        r = c.post("/v1/completions", json={**COMPLETION, "prompt": ["a", "b"], "n": 2}).json()
+        assert [(ch["index"], blocked(ch), ch["text"]) for ch in r["choices"]] == [
+            (0, True, ""), (1, True, ""), (2, True, ""), (3, True, "")]  # fmt: skip
+        assert r["choices"][3]["content_filter_results"]["categories"] == ["S1"]
+        assert r["usage"]["completion_tokens"] == 0  # nothing was generated
+        assert blocked_total(c, "guard", "input") == 1 + 1 + 2  # per conversation or prompt
+        assert blocked_total(c, "guard", "output") == 0
     with guarded_client(tok, guards["unsafe\nS1"], screen_output=True) as c:
         r = c.post("/v1/chat/completions", json=CHAT).json()
         assert blocked(r["choices"][0]) and r["usage"]["completion_tokens"] == 4
         chunks = streamed(c, CHAT)  # the reply is held back until screened, then dropped
         assert blocked(chunks[-1]) and not any(ch["delta"].get("content") for ch in chunks)
+        [choice] = c.post("/v1/completions", json=COMPLETION).json()["choices"]
+        assert blocked(choice) and choice["text"] == ""
+        assert blocked_total(c, "guard", "output") == 3
+        assert blocked_total(c, "guard", "input") == 0
     with guarded_client(tok, guards["safe"], screen_input=True, screen_output=True) as c:
         r = c.post("/v1/chat/completions", json=CHAT).json()
         assert r["choices"][0]["finish_reason"] == "length"
@@ -324,6 +347,10 @@ def test_server_screens_input_and_output_as_configured(tok, guards):
         chunks = streamed(c, CHAT)
         assert chunks[-1]["finish_reason"] == "length"
         assert "".join(ch["delta"].get("content", "") for ch in chunks) == r["choices"][0]["message"]["content"]  # fmt: skip
+        ids = tok.encode(COMPLETION["prompt"], bos=True)  # judged as its text
+        [choice] = streamed(c, {**COMPLETION, "prompt": ids}, "/v1/completions")
+        assert choice["finish_reason"] == "length" and choice["text"]  # one piece, once screened
+        assert blocked_total(c, "guard", "output") == 0
 
 
 @pytest.mark.slow

@@ -313,14 +313,30 @@ def test_perplexity_cli_bad_data_is_one_line(tmp_path, capsys, content, expected
     assert error == [f"llama_jax.eval perplexity: error: --data {data}{expected}"]
 
 
+def test_start_up_hook_registers_llama_jax_beside_lm_evals_models():
+    """The installed `llama_jax_lm_eval.pth` (infer/lm_eval_hook.py) registers "llama-jax" in a
+    fresh interpreter without hiding lm-eval's own table, which it fills only while empty
+    (the slow CLI test below loads the model through it)."""
+    code = (
+        "from lm_eval.api.registry import get_model, model_registry; "
+        "print(get_model('hf').__name__, 'llama-jax' in model_registry)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["HFLM", "True"], out.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_lm_eval_cli_runs_llama_jax_model(llama3_repo, task_dir, tmp_path):
-    out = _run_eval(
-        "lm-eval",
-        *("--model", "llama-jax", "--model_args", f"checkpoint={llama3_repo},max_length=64"),
-        *("--tasks", TASK, "--include_path", str(task_dir), "--batch_size", "4"),
-        *("--output_path", str(tmp_path / "out")),
-    )
+    """lm-eval's own `lm_eval` command finds "llama-jax" (see the test below)."""
+    lm_eval = Path(sys.executable).with_name("lm_eval")
+    out = subprocess.run(
+        [str(lm_eval), "--model", "llama-jax",
+         "--model_args", f"checkpoint={llama3_repo},max_length=64",
+         "--tasks", TASK, "--include_path", str(task_dir), "--batch_size", "4",
+         "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "HF_DATASETS_OFFLINE": "1"},
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert TASK in out.stdout and "acc" in out.stdout
     (results,) = (tmp_path / "out").rglob("results_*.json")

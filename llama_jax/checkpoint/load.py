@@ -73,7 +73,9 @@ def load_params(
     if kind == "orbax":
         config = orbax_io.read_config(root)
         config = config if target is None else config.replace(param_dtype=target.name)
-        return config, orbax_io.load_orbax(root, config, resolve_shardings(config, shardings)), root
+        mode = orbax_io.read_quantization(root)
+        placed = resolve_shardings(config, shardings, mode)
+        return config, orbax_io.load_orbax(root, config, placed, mode), root
     if kind == "run":
         return (*_load_run(root, target, shardings), root)
     source = sources.read_meta(root) if kind == "meta" else sources.read_hf(root)

@@ -1,5 +1,9 @@
 """Our Orbax checkpoint format: `<dir>/llama_jax.json` (the config) + `<dir>/params` (Orbax).
 
+Quantized params (`llama_jax.quantize`) are stored as they are, `quantization` in the JSON
+naming the mode, so loading restores the same int8/fp8 values and scales without quantizing
+again.
+
 Orbax restores each array straight into its target sharding, each process reading only its own
 shards, so this is the fast path for reloading models on a mesh.
 """
@@ -13,6 +17,7 @@ from llama_jax.checkpoint.errors import CheckpointError
 from llama_jax.config import ConfigError, LlamaConfig
 from llama_jax.model import Params, param_shapes
 from llama_jax.partitioning import placed_shapes
+from llama_jax.quantize import check_mode, quantization_of, quantized_shapes
 
 CONFIG_FILE = "llama_jax.json"
 PARAMS_DIR = "params"
@@ -34,6 +39,16 @@ def read_config(path: Path) -> LlamaConfig:
         raise CheckpointError(f"{file}: unreadable config ({e})") from None
 
 
+def read_quantization(path: Path) -> str | None:
+    """The quantization mode the params at `path` are stored in; None for float params."""
+    file = path / CONFIG_FILE
+    mode = json.loads(file.read_text()).get("quantization")
+    try:
+        return None if mode is None else check_mode(mode)
+    except ValueError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
 def _checkpointer():
     """Orbax's checkpointer, imported on first use: Orbax and TensorStore add tens of MB of
     resident memory and a noticeable start-up to every process that imports them, and loading
@@ -51,14 +66,21 @@ def save_orbax(path: str | Path, config: LlamaConfig, params: Params) -> None:
         ckptr.save(path / PARAMS_DIR, params)
         ckptr.wait_until_finished()
     payload = {"format": FORMAT, "config": config.to_dict()}
+    if quantization_of(params) is not None:
+        payload["quantization"] = quantization_of(params)
     (path / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def load_orbax(path: str | Path, config: LlamaConfig, shardings: Params) -> Params:
+def load_orbax(
+    path: str | Path, config: LlamaConfig, shardings: Params, quantization: str | None = None
+) -> Params:
     """Params restored straight into `shardings`, cast to `config.param_dtype` if the saved
-    dtype differs."""
+    dtype differs (quantized values and scales are restored as stored)."""
     path = Path(path).absolute()
-    target = placed_shapes(param_shapes(config), shardings)
+    shapes = param_shapes(config)
+    if quantization is not None:
+        shapes = quantized_shapes(shapes, config, quantization)
+    target = placed_shapes(shapes, shardings)
     try:
         with _checkpointer() as ckptr:
             return ckptr.restore(path / PARAMS_DIR, target)

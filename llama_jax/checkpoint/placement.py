@@ -23,15 +23,20 @@ from llama_jax.checkpoint import layout
 from llama_jax.checkpoint.lazy import Index, LazyArray, Stack, read
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Params, logical_axes
+from llama_jax.quantize import is_quantized, quantized_logical_axes
 
 ShardingsLike = Params | Callable[[tuple[str, ...]], Sharding] | None
 
 
-def resolve_shardings(config: LlamaConfig, shardings: ShardingsLike) -> Params:
-    """A sharding per param: given as a tree, from a logical-axes -> sharding function, or (None)
-    everything on the first device."""
+def resolve_shardings(
+    config: LlamaConfig, shardings: ShardingsLike, quantization: str | None = None
+) -> Params:
+    """A sharding per param (of params quantized in `quantization`, if given): given as a tree,
+    from a logical-axes -> sharding function, or (None) everything on the first device."""
     axes = logical_axes(config)
-    is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
+    if quantization is not None:
+        axes = quantized_logical_axes(axes, config)
+    is_axes = lambda x: isinstance(x, tuple) and not is_quantized(x)  # noqa: E731
     if shardings is None:
         device = SingleDeviceSharding(jax.devices()[0])
         return jax.tree.map(lambda _: device, axes, is_leaf=is_axes)
