@@ -44,8 +44,9 @@ from infer.sampling import (
 )
 from infer.speculative import Draft, DraftError, Verified, draft_prefill, speculate
 from llama_jax.config import LlamaConfig
-from llama_jax.kv_cache import CACHE_AXES, PAGED_AXES, QUANTIZED, PagedKVCache, Stored, map_stored
+from llama_jax.kv_cache import CACHE_AXES, PAGED_AXES, QUANTIZED, PagedKVCache, Stored
 from llama_jax.model import Params, forward
+from sharding.place import stored_shardings
 from sharding.rules import logical_to_sharding, split_size, with_rules
 
 log = logging.getLogger("llama_jax.infer")
@@ -281,11 +282,7 @@ class Engine:
         if self.mesh is None:  # eager zeros: a jit of this fresh closure would compile each time
             return zeros()
         shape = jax.eval_shape(zeros)
-        pool = map_stored(
-            lambda x, names: logical_to_sharding(names, self.mesh, self.rules, x.shape, "KV pool"),
-            shape.k,
-            PAGED_AXES,
-        )
+        pool = stored_shardings(shape.k, PAGED_AXES, self.mesh, self.rules, "KV pool")
         rows = CACHE_AXES[1:2]
         row = logical_to_sharding(rows, self.mesh, self.rules, shape.tokens.shape, "slots")
         hist = logical_to_sharding(
@@ -299,7 +296,7 @@ class Engine:
         pool = PagedKVCache.pool_zeros(self.draft.config, self.num_blocks, self.block_size)
         if self.mesh is None:
             return pool
-        where = logical_to_sharding(PAGED_AXES, self.mesh, self.rules, pool[0].shape, "draft pool")
+        where = stored_shardings(pool[0], PAGED_AXES, self.mesh, self.rules, "draft pool")
         return jax.device_put(pool, where)
 
     @property

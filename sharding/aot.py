@@ -45,13 +45,9 @@ from llama_jax.config import (
     preset,
 )
 from llama_jax.kv_cache import (
-    CACHE_AXES,
-    PAGED_AXES,
     QUANTIZED,
     KVCache,
     PagedKVCache,
-    QuantizedKV,
-    map_stored,
 )
 from llama_jax.lora import LoraConfig, parse_targets
 from llama_jax.partitioning import placed_shapes
@@ -212,23 +208,6 @@ def decode_cache(
     return jax.eval_shape(paged)
 
 
-def decode_cache_shardings(
-    cache: KVCache | PagedKVCache, mesh: jax.sharding.Mesh, rules: str
-) -> KVCache | PagedKVCache:
-    """`place.cache_shardings`, with an int8 cache's k and v split into values and scales
-    (the scales by the values' logical axes less head_dim)."""
-    shardings = place.cache_shardings(cache, mesh, rules)
-    if not isinstance(cache.k, QuantizedKV):
-        return shardings
-    axes = CACHE_AXES if isinstance(cache, KVCache) else PAGED_AXES
-    kv = map_stored(
-        lambda x, names: logical_to_sharding(names, mesh, rules, x.shape, "KV cache"),
-        cache.k,
-        axes,
-    )
-    return shardings._replace(k=kv, v=kv)
-
-
 def compile_decode(
     config: LlamaConfig,
     mesh: jax.sharding.Mesh,
@@ -248,7 +227,7 @@ def compile_decode(
     if quantize is not None:
         params, params_sh = quantized_decode_params(params, config, mesh, rules, quantize)
     cache = decode_cache(config, batch, seq, kv, block_size, kv_cache_dtype)
-    cache_sh = decode_cache_shardings(cache, mesh, rules)
+    cache_sh = place.cache_shardings(cache, mesh, rules)
     tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
     tokens_sh = place.batch_shardings({"tokens": tokens}, mesh, rules)["tokens"]
     step = jax.jit(

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax import model as llama_model
 from llama_jax.config import LlamaConfig
-from llama_jax.kv_cache import CACHE_AXES, PAGED_AXES, KVCache, PagedKVCache
+from llama_jax.kv_cache import CACHE_AXES, PAGED_AXES, KVCache, PagedKVCache, Stored, map_stored
 from llama_jax.lora import LoraConfig, adapter_shapes
 from llama_jax.partitioning import BATCH_AXES
 from sharding.rules import (
@@ -93,6 +93,16 @@ def place_batch(batch: Mapping[str, Any], mesh: Mesh, rules: str | Rules) -> dic
     return jax.device_put(dict(batch), batch_shardings(batch, mesh, rules))
 
 
+def stored_shardings(
+    x: Stored, axes: tuple[str, ...], mesh: Mesh, rules: str | Rules, what: str
+) -> Any:
+    """Shardings of a cache's k or v by its logical `axes`: one for a float array, or values
+    and scales alike for an int8 `QuantizedKV` (the scales by the axes less head_dim)."""
+    return map_stored(
+        lambda a, names: logical_to_sharding(names, mesh, rules, a.shape, what), x, axes
+    )
+
+
 def cache_shardings(
     cache: KVCache | PagedKVCache, mesh: Mesh, rules: str | Rules
 ) -> KVCache | PagedKVCache:
@@ -101,9 +111,9 @@ def cache_shardings(
     rows = CACHE_AXES[1:2]
     lengths = logical_to_sharding(rows, mesh, rules, cache.lengths.shape, "KV lengths")
     if isinstance(cache, KVCache):
-        kv = logical_to_sharding(CACHE_AXES, mesh, rules, cache.k.shape, "KV cache")
+        kv = stored_shardings(cache.k, CACHE_AXES, mesh, rules, "KV cache")
         return KVCache(kv, kv, lengths)
-    pool = logical_to_sharding(PAGED_AXES, mesh, rules, cache.k.shape, "KV pool")
+    pool = stored_shardings(cache.k, PAGED_AXES, mesh, rules, "KV pool")
     shape = cache.block_tables.shape
     tables = logical_to_sharding((*rows, None), mesh, rules, shape, "block tables")
     return PagedKVCache(pool, pool, tables, lengths)

@@ -195,7 +195,7 @@ def test_sharded_int8_engine_matches_single_device(model):
 def test_aot_decode_cache_splits_int8_scales_like_values():
     """`sharding.aot --kv-cache-dtype int8` compiles against these: values and scales of k and
     v split alike, rows over data and KV heads over tensor (contiguous), heads only (paged)."""
-    from sharding import aot
+    from sharding import aot, place
     from sharding.mesh import make_mesh
 
     mesh = make_mesh("data=2,tensor=2", devices=jax.devices()[:4])
@@ -203,5 +203,5 @@ def test_aot_decode_cache_splits_int8_scales_like_values():
     for kv, spec in (("contiguous", P(None, "data", None, "tensor")), ("paged", P(None, "tensor"))):
         cache = aot.decode_cache(CONFIG, 4, 64, kv, 16, "int8")
         assert cache.k.values.dtype == jnp.int8 and cache.k.scale.shape == cache.k.shape[:-1]
-        shardings = aot.decode_cache_shardings(cache, mesh, "infer_tp")
+        shardings = place.cache_shardings(cache, mesh, "infer_tp")
         assert shardings.k.values.spec == shardings.v.scale.spec == spec, kv
